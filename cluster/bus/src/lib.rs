@@ -1,1 +1,190 @@
+//! The bus carries committed events from the routing service to the gateways
+//! that have interested connections. It is a transport, not a store: every
+//! event it carries is already in the system of record with its sequence
+//! number, so a subscriber that lags or misses something recovers from
+//! storage (see docs/ARCHITECTURE.md, "Delivery").
+//!
+//! Subscriptions are per topic and bounded: a receiver that falls more than
+//! [`TOPIC_CAPACITY`] events behind is told how many it lost
+//! ([`Received::Lagged`]) instead of slowing the publisher down.
 
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use beseda_proto::v1::BusEvent;
+use dashmap::DashMap;
+use tokio::sync::broadcast;
+
+/// Events a slow subscriber may fall behind before it must resync.
+pub const TOPIC_CAPACITY: usize = 1024;
+
+/// What a subscriber listens to. Clients never subscribe to "everything".
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// The ordered events of one conversation.
+    Conversation { application_id: String, conversation_id: String },
+    /// Notifications, unread counts and list changes of one user.
+    User { application_id: String, user_id: String },
+    /// Online/offline changes of one user.
+    Presence { application_id: String, user_id: String },
+}
+
+impl Topic {
+    /// A stable channel name (also used as the Redis channel later).
+    pub fn channel_name(&self) -> String {
+        match self {
+            Topic::Conversation { application_id, conversation_id } => format!("beseda.{application_id}.c.{conversation_id}"),
+            Topic::User { application_id, user_id } => format!("beseda.{application_id}.u.{user_id}"),
+            Topic::Presence { application_id, user_id } => format!("beseda.{application_id}.p.{user_id}"),
+        }
+    }
+}
+
+/// One received item.
+#[derive(Debug)]
+pub enum Received {
+    Event(Arc<BusEvent>),
+    /// This many events were dropped for this subscriber; resync from storage.
+    Lagged(u64),
+}
+
+/// A subscription to one topic. Dropping it unsubscribes.
+pub struct Subscription {
+    receiver: broadcast::Receiver<Arc<BusEvent>>,
+}
+
+impl Subscription {
+    /// The next event, or `None` when the bus is gone.
+    pub async fn recv(&mut self) -> Option<Received> {
+        match self.receiver.recv().await {
+            Ok(event) => Some(Received::Event(event)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Received::Lagged(missed)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// Converts into a stream, for use with `tokio_stream::StreamMap`.
+    pub fn into_stream(self) -> impl futures_util::Stream<Item = Received> + Send + Unpin + 'static {
+        Box::pin(futures_util::stream::unfold(self, |mut subscription| async move {
+            subscription.recv().await.map(|item| (item, subscription))
+        }))
+    }
+}
+
+/// Fan-out of committed events.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    async fn publish(&self, topic: &Topic, event: BusEvent);
+    fn subscribe(&self, topic: &Topic) -> Subscription;
+}
+
+/// The embedded bus: one broadcast channel per topic with live subscribers.
+#[derive(Default)]
+pub struct InProcessBus {
+    topics: DashMap<Topic, broadcast::Sender<Arc<BusEvent>>>,
+}
+
+impl InProcessBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Topics that currently have a channel (for metrics and tests).
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+}
+
+#[async_trait]
+impl Bus for InProcessBus {
+    async fn publish(&self, topic: &Topic, event: BusEvent) {
+        // Nobody listening: nothing to do, and the topic's channel is dropped
+        // so idle topics do not accumulate.
+        let Some(sender) = self.topics.get(topic).map(|entry| entry.value().clone()) else {
+            return;
+        };
+        if sender.send(Arc::new(event)).is_err() {
+            self.topics.remove_if(topic, |_, sender| sender.receiver_count() == 0);
+        }
+    }
+
+    fn subscribe(&self, topic: &Topic) -> Subscription {
+        let receiver = self
+            .topics
+            .entry(topic.clone())
+            .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
+            .subscribe();
+        Subscription { receiver }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beseda_proto::v1::{ConversationEvent, bus_event};
+
+    fn topic() -> Topic {
+        Topic::Conversation { application_id: "app".into(), conversation_id: "c1".into() }
+    }
+
+    fn event(seq: u64) -> BusEvent {
+        BusEvent {
+            application_id: "app".into(),
+            kind: Some(bus_event::Kind::ConversationEvent(ConversationEvent {
+                conversation_id: "c1".into(),
+                seq,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn seq_of(received: Received) -> u64 {
+        match received {
+            Received::Event(event) => match &event.kind {
+                Some(bus_event::Kind::ConversationEvent(event)) => event.seq,
+                other => panic!("unexpected event {other:?}"),
+            },
+            Received::Lagged(missed) => panic!("lagged by {missed}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_receive_events_in_publish_order() {
+        let bus = InProcessBus::new();
+        let mut first = bus.subscribe(&topic());
+        let mut second = bus.subscribe(&topic());
+        for seq in 1..=3 {
+            bus.publish(&topic(), event(seq)).await;
+        }
+        for seq in 1..=3 {
+            assert_eq!(seq_of(first.recv().await.unwrap()), seq);
+            assert_eq!(seq_of(second.recv().await.unwrap()), seq);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_told_how_many_it_lost() {
+        let bus = InProcessBus::new();
+        let mut slow = bus.subscribe(&topic());
+        for seq in 1..=(TOPIC_CAPACITY as u64 + 5) {
+            bus.publish(&topic(), event(seq)).await;
+        }
+        match slow.recv().await.unwrap() {
+            Received::Lagged(missed) => assert_eq!(missed, 5),
+            Received::Event(_) => panic!("expected a lag report"),
+        }
+        assert_eq!(seq_of(slow.recv().await.unwrap()), 6);
+    }
+
+    #[tokio::test]
+    async fn topics_without_subscribers_are_dropped() {
+        let bus = InProcessBus::new();
+        let subscription = bus.subscribe(&topic());
+        assert_eq!(bus.topic_count(), 1);
+        drop(subscription);
+        bus.publish(&topic(), event(1)).await;
+        assert_eq!(bus.topic_count(), 0);
+    }
+}

@@ -1,1 +1,108 @@
+//! The routing service: registration and tenants, users, conversations,
+//! messages and notifications. It owns every rule of the domain that needs
+//! storage, writes through [`beseda_store::Store`] and, after each commit,
+//! publishes what changed on the [`beseda_bus::Bus`].
+//!
+//! Callers reach it only through the gRPC interface `beseda.v1.Routing`
+//! ([`grpc`]): in one process the sessions gateway holds the service itself
+//! behind that trait, in a cluster it holds a [`remote::RemoteRouting`]
+//! client. Neither side can tell which.
 
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use beseda_bus::{Bus, Topic};
+use beseda_core::{Error, ErrorCode};
+use beseda_proto::v1 as wire;
+use beseda_store::Store;
+use sha2::{Digest, Sha256};
+
+pub mod auth;
+pub mod caller;
+pub mod conversations;
+pub mod convert;
+pub mod grpc;
+pub mod mail;
+pub mod messages;
+pub mod notifications;
+pub mod registration;
+pub mod remote;
+pub mod status;
+pub mod users;
+
+pub use caller::Caller;
+
+/// The server version reported by info calls and the health endpoint.
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The routing service's settings.
+#[derive(Clone, Debug)]
+pub struct RoutingConfig {
+    /// Public base URL of this server, included in e-mails.
+    pub public_url: String,
+}
+
+/// The routing service. Cheap to share: every field is an `Arc`.
+#[derive(Clone)]
+pub struct RoutingService {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    mailer: Arc<dyn mail::Mailer>,
+    config: Arc<RoutingConfig>,
+}
+
+impl RoutingService {
+    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, mailer: Arc<dyn mail::Mailer>, config: RoutingConfig) -> Self {
+        RoutingService { store, bus, mailer, config: Arc::new(config) }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    async fn publish_conversation_event(&self, application_id: &str, event: &beseda_core::model::ConversationEvent) {
+        let topic = Topic::Conversation {
+            application_id: application_id.to_owned(),
+            conversation_id: event.conversation_id.clone(),
+        };
+        let bus_event = wire::BusEvent {
+            application_id: application_id.to_owned(),
+            kind: Some(wire::bus_event::Kind::ConversationEvent(convert::event_to_wire(event))),
+        };
+        self.bus.publish(&topic, bus_event).await;
+    }
+
+    async fn publish_user_event(&self, application_id: &str, user_id: &str, kind: wire::user_event::Kind) {
+        let topic = Topic::User { application_id: application_id.to_owned(), user_id: user_id.to_owned() };
+        let bus_event = wire::BusEvent {
+            application_id: application_id.to_owned(),
+            kind: Some(wire::bus_event::Kind::UserEvent(wire::UserEvent {
+                user_id: user_id.to_owned(),
+                kind: Some(kind),
+            })),
+        };
+        self.bus.publish(&topic, bus_event).await;
+    }
+}
+
+/// SHA-256 of a secret, hex-encoded. Secrets that the server only needs to
+/// check (administration keys, codes) are stored this way.
+pub(crate) fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.trim().as_bytes()))
+}
+
+/// A random secret of 32 bytes, hex-encoded (256 bits).
+pub(crate) fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
+
+/// An eight-digit code for e-mails (activation, temporary administration).
+pub(crate) fn new_code() -> String {
+    format!("{:08}", rand::random_range(0..100_000_000u32))
+}
+
+pub(crate) fn not_found(code: ErrorCode, what: &str, id: &str) -> Error {
+    Error::new(code, format!("{what} `{id}` does not exist in this application"))
+}

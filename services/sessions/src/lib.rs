@@ -1,1 +1,71 @@
+//! The sessions service: Beseda's edge. It terminates the public REST API
+//! (`/api/v1`), the OpenAPI document and the WebSocket client protocol
+//! (`/ws`), authenticates callers through routing, keeps per-connection
+//! subscriptions fed from the bus, and records presence in the registry.
+//!
+//! It holds routing as `Arc<dyn Routing>`: the in-process service or a gRPC
+//! client, and cannot tell which.
 
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use beseda_bus::Bus;
+use beseda_proto::v1::routing_server::Routing;
+use beseda_registry::Registry;
+
+pub mod api;
+pub mod auth;
+pub mod http_error;
+pub mod openapi;
+pub mod ws;
+
+/// The gateway's settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// This node's name in the registry.
+    pub node_id: String,
+    /// Interval of server pings on idle WebSocket connections.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed between connecting and the Hello frame.
+    pub hello_timeout: Duration,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub send_queue_capacity: usize,
+    /// Users one connection may watch the presence of.
+    pub max_presence_watches: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            node_id: "node-1".into(),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(10),
+            send_queue_capacity: 1024,
+            max_presence_watches: 1000,
+        }
+    }
+}
+
+/// What the gateway needs; cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    pub routing: Arc<dyn Routing>,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Arc<dyn Registry>,
+    pub config: Arc<GatewayConfig>,
+    /// Flips to true when the server is shutting down: connections tell
+    /// their clients to reconnect elsewhere and close.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// `/api/v1`, `/api/openapi.json` and `/ws`.
+pub fn router(gateway: Gateway) -> axum::Router {
+    let openapi = axum::Router::new().route("/api/openapi.json", axum::routing::get(|| async { axum::Json(openapi::document()) }));
+    let websocket = axum::Router::new().route("/ws", axum::routing::get(ws::upgrade)).with_state(gateway.clone());
+    api::router(gateway).merge(openapi).merge(websocket)
+}

@@ -1,0 +1,253 @@
+//! Node configuration: defaults, then an optional TOML file, then `BESEDA_*`
+//! environment variables, then command-line flags. Unknown keys in the file
+//! are rejected so a typo never silently falls back to a default. Every
+//! setting is listed in docs/configuration.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// HTTP API, WebSocket, health and metrics.
+    pub listen: SocketAddr,
+    /// Where the embedded database and the mail outbox live.
+    pub data_dir: PathBuf,
+    /// The URL clients use to reach this server; defaults to http://<listen>.
+    pub public_url: Option<String>,
+    /// This node's name in the session registry.
+    pub node_id: String,
+    /// Seconds to drain connections on shutdown.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8087)),
+            data_dir: PathBuf::from("data"),
+            public_url: None,
+            node_id: "node-1".into(),
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// SQLite in `<data_dir>/beseda.db`.
+    Embedded,
+    Postgres,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub backend: StoreBackend,
+    /// PostgreSQL URL, e.g. postgres://beseda@db:5432/beseda (backend = "postgres").
+    pub postgres_url: Option<String>,
+    pub pool_size: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection { backend: StoreBackend::Embedded, postgres_url: None, pool_size: 16 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailSection {
+    /// SMTP relay URL (smtps://user:password@host, smtp://host:25?tls=required).
+    /// Without it, mail is written to the outbox directory.
+    pub smtp_url: Option<String>,
+    pub from: String,
+    /// Defaults to `<data_dir>/outbox`.
+    pub outbox_dir: Option<PathBuf>,
+}
+
+impl Default for MailSection {
+    fn default() -> Self {
+        MailSection { smtp_url: None, from: "Beseda <beseda@localhost>".into(), outbox_dir: None }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    pub ping_interval_seconds: u64,
+    pub idle_timeout_seconds: u64,
+    pub hello_timeout_seconds: u64,
+    pub send_queue_capacity: usize,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection { ping_interval_seconds: 25, idle_timeout_seconds: 60, hello_timeout_seconds: 10, send_queue_capacity: 1024 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info,beseda_routing=debug`.
+    pub filter: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: "text".into(), filter: "info".into() }
+    }
+}
+
+/// The whole node configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub server: ServerSection,
+    pub store: StoreSection,
+    pub mail: MailSection,
+    pub gateway: GatewaySection,
+    pub log: LogSection,
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|error| anyhow::anyhow!("environment variable {name}={value:?} is invalid: {error}"))
+}
+
+impl NodeConfig {
+    /// Reads the file (if any), then applies environment overrides.
+    pub fn load(file: Option<&Path>, environment: &[(String, String)]) -> anyhow::Result<NodeConfig> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?
+            }
+            None => NodeConfig::default(),
+        };
+        for (name, value) in environment {
+            let Some(key) = name.strip_prefix("BESEDA_") else { continue };
+            match key {
+                "LISTEN" => config.server.listen = parse_env(name, value)?,
+                "DATA_DIR" => config.server.data_dir = PathBuf::from(value),
+                "PUBLIC_URL" => config.server.public_url = Some(value.clone()),
+                "NODE_ID" => config.server.node_id = value.clone(),
+                "SHUTDOWN_GRACE_SECONDS" => config.server.shutdown_grace_seconds = parse_env(name, value)?,
+                "STORE_BACKEND" => {
+                    config.store.backend = match value.as_str() {
+                        "embedded" => StoreBackend::Embedded,
+                        "postgres" => StoreBackend::Postgres,
+                        other => bail!("BESEDA_STORE_BACKEND={other:?} is invalid: use embedded or postgres"),
+                    }
+                }
+                "POSTGRES_URL" => {
+                    config.store.postgres_url = Some(value.clone());
+                    config.store.backend = StoreBackend::Postgres;
+                }
+                "STORE_POOL_SIZE" => config.store.pool_size = parse_env(name, value)?,
+                "SMTP_URL" => config.mail.smtp_url = Some(value.clone()),
+                "MAIL_FROM" => config.mail.from = value.clone(),
+                "OUTBOX_DIR" => config.mail.outbox_dir = Some(PathBuf::from(value)),
+                "PING_INTERVAL_SECONDS" => config.gateway.ping_interval_seconds = parse_env(name, value)?,
+                "IDLE_TIMEOUT_SECONDS" => config.gateway.idle_timeout_seconds = parse_env(name, value)?,
+                "SEND_QUEUE_CAPACITY" => config.gateway.send_queue_capacity = parse_env(name, value)?,
+                "LOG_FORMAT" => config.log.format = value.clone(),
+                "LOG" => config.log.filter = value.clone(),
+                // Variables of other tools (tests, CI) share the prefix.
+                _ if key.starts_with("TEST_") => {}
+                _ => bail!("unknown environment variable {name}; see docs/configuration.md for the list"),
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked before starting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.store.backend == StoreBackend::Postgres && self.store.postgres_url.is_none() {
+            bail!("store.backend = \"postgres\" needs store.postgres_url (or BESEDA_POSTGRES_URL)");
+        }
+        if self.store.pool_size == 0 {
+            bail!("store.pool_size must be at least 1");
+        }
+        if self.gateway.ping_interval_seconds == 0 || self.gateway.idle_timeout_seconds <= self.gateway.ping_interval_seconds {
+            bail!("gateway.idle_timeout_seconds must be greater than gateway.ping_interval_seconds (> 0)");
+        }
+        if self.gateway.send_queue_capacity < 16 {
+            bail!("gateway.send_queue_capacity must be at least 16");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+
+    pub fn public_url(&self) -> String {
+        self.server.public_url.clone().unwrap_or_else(|| format!("http://{}", self.server.listen))
+    }
+
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.mail.outbox_dir.clone().unwrap_or_else(|| self.server.data_dir.join("outbox"))
+    }
+
+    pub fn gateway_config(&self) -> beseda_sessions::GatewayConfig {
+        beseda_sessions::GatewayConfig {
+            node_id: self.server.node_id.clone(),
+            ping_interval: Duration::from_secs(self.gateway.ping_interval_seconds),
+            idle_timeout: Duration::from_secs(self.gateway.idle_timeout_seconds),
+            hello_timeout: Duration::from_secs(self.gateway.hello_timeout_seconds),
+            send_queue_capacity: self.gateway.send_queue_capacity,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file_and_validate() {
+        let config = NodeConfig::load(None, &[]).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8087");
+        assert_eq!(config.store.backend, StoreBackend::Embedded);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_rejected() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("beseda.toml");
+        std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:9000\"\nlistne = 1\n").unwrap();
+        let error = format!("{:#}", NodeConfig::load(Some(&path), &[]).unwrap_err());
+        assert!(error.contains("listne"), "{error}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_typos_are_reported() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("beseda.toml");
+        std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+        let environment = vec![("BESEDA_LISTEN".to_owned(), "127.0.0.1:9100".to_owned())];
+        let config = NodeConfig::load(Some(&path), &environment).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:9100");
+        let typo = vec![("BESEDA_LISTN".to_owned(), "x".to_owned())];
+        assert!(NodeConfig::load(None, &typo).is_err());
+    }
+
+    #[test]
+    fn postgres_without_url_does_not_validate() {
+        let mut config = NodeConfig::default();
+        config.store.backend = StoreBackend::Postgres;
+        assert!(config.validate().is_err());
+    }
+}

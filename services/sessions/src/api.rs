@@ -1,0 +1,378 @@
+//! The public REST API for application servers, under `/api/v1`. Each route
+//! is one row of [`routes`]: the HTTP method and path, the routing operation
+//! it calls, the 1C method it mirrors and the request/response messages.
+//! The router and the OpenAPI document are both built from that table, so
+//! they cannot disagree. Bodies are the canonical proto3 JSON of the named
+//! messages (lowerCamelCase; unknown fields are rejected so typos surface).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, RawPathParams, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, on};
+use beseda_core::{Error, ErrorCode, Result};
+use beseda_proto::v1 as wire;
+use beseda_proto::v1::routing_server::Routing;
+use beseda_routing::{Caller, status};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Gateway;
+use crate::http_error::{error_response, malformed};
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials (registration, server info).
+    Public,
+    /// Credentials used when present (subscriber operations with a key or code).
+    Optional,
+    /// A user token or application credentials.
+    Required,
+}
+
+/// Path and query parameters of one call.
+pub struct Params {
+    pub path: HashMap<String, String>,
+    pub query: HashMap<String, String>,
+}
+
+impl Params {
+    fn path(&self, name: &str) -> String {
+        self.path.get(name).cloned().unwrap_or_default()
+    }
+
+    fn query(&self, name: &str) -> Option<&str> {
+        self.query.get(name).map(String::as_str)
+    }
+
+    fn query_number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
+        self.query(name)
+            .map(|value| value.parse().map_err(|_| Error::invalid(name, format!("query parameter `{name}` must be a number"))))
+            .transpose()
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value>> + Send>>;
+type Handler = fn(Arc<dyn Routing>, Option<Caller>, Params, Bytes) -> HandlerFuture;
+
+/// One operation of the REST API.
+pub struct ApiRoute {
+    pub method: Method,
+    /// With `{name}` path parameters.
+    pub path: &'static str,
+    /// The routing operation (gRPC method) it calls.
+    pub operation: &'static str,
+    /// The 1C:Enterprise method it mirrors.
+    pub one_c: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    /// The body's message (in `beseda.v1`), when the route takes a body.
+    pub request_message: Option<&'static str>,
+    pub response_message: &'static str,
+    /// Query parameters the route reads.
+    pub query_parameters: &'static [&'static str],
+    handler: Handler,
+}
+
+async fn invoke<Req, Resp, Call, Fut>(
+    routing: Arc<dyn Routing>,
+    caller: Option<Caller>,
+    params: Params,
+    body: Bytes,
+    takes_body: bool,
+    prepare: fn(&mut Req, &Params) -> Result<()>,
+    call: Call,
+) -> Result<serde_json::Value>
+where
+    Req: DeserializeOwned + Default + Send + 'static,
+    Resp: Serialize,
+    Call: FnOnce(Arc<dyn Routing>, tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let mut request: Req = if takes_body && !body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice(&body).map_err(|error| malformed("JSON body", error))?
+    } else {
+        Req::default()
+    };
+    prepare(&mut request, &params)?;
+    let request = match &caller {
+        Some(caller) => caller.request(request),
+        None => tonic::Request::new(request),
+    };
+    let response = call(routing, request).await.map_err(|status| status::from_status(&status))?;
+    serde_json::to_value(response.into_inner()).map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
+}
+
+fn nothing<T>(_: &mut T, _: &Params) -> Result<()> {
+    Ok(())
+}
+
+fn conversation_id(params: &Params) -> Option<wire::ConversationRef> {
+    Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(params.path("conversationId"))) })
+}
+
+macro_rules! route {
+    ($method:ident $path:literal => $rpc:ident($request:ident) -> $response:ident,
+     $operation:literal, $one_c:literal, $access:ident, body: $body:literal, query: [$($query:literal),*],
+     prepare: $prepare:expr, $summary:literal) => {
+        ApiRoute {
+            method: Method::$method,
+            path: $path,
+            operation: $operation,
+            one_c: $one_c,
+            summary: $summary,
+            access: Access::$access,
+            request_message: if $body { Some(stringify!($request)) } else { None },
+            response_message: stringify!($response),
+            query_parameters: &[$($query),*],
+            handler: |routing, caller, params, body| {
+                Box::pin(invoke::<wire::$request, wire::$response, _, _>(
+                    routing, caller, params, body, $body, $prepare,
+                    |routing, request| async move { routing.$rpc(request).await },
+                ))
+            },
+        }
+    };
+}
+
+/// Every route of the REST API.
+pub fn routes() -> Vec<ApiRoute> {
+    vec![
+        route!(GET "/api/v1/server" => get_server_info(Empty) -> ServerInfo,
+            "GetServerInfo", "ПолучитьВерсиюСервера", Public, body: false, query: [], prepare: nothing,
+            "Server version and the client protocol versions it speaks."),
+        route!(POST "/api/v1/registration/request" => request_registration(RequestRegistrationRequest) -> RequestRegistrationResponse,
+            "RequestRegistration", "ЗарегистрироватьПриложение (step 1)", Public, body: true, query: [], prepare: nothing,
+            "Step 1 of registration: e-mails an activation code to the subscriber."),
+        route!(POST "/api/v1/registration/complete" => complete_registration(CompleteRegistrationRequest) -> RegistrationData,
+            "CompleteRegistration", "ЗарегистрироватьПриложение (step 2)", Public, body: true, query: [], prepare: nothing,
+            "Step 2: with the activation code, registers (or re-registers) the application and returns its id and key."),
+        route!(DELETE "/api/v1/registration" => unregister(Empty) -> Empty,
+            "Unregister", "ОтменитьРегистрациюПриложения", Required, body: false, query: [], prepare: nothing,
+            "Deletes the application's keys; re-registering with the same e-mail restores the history."),
+        route!(GET "/api/v1/registration/data" => get_registration_data(Empty) -> RegistrationData,
+            "GetRegistrationData", "ПолучитьДанныеРегистрации", Required, body: false, query: [], prepare: nothing,
+            "The registration data, to move a data area to another database."),
+        route!(PUT "/api/v1/registration/data" => set_registration_data(SetRegistrationDataRequest) -> SetRegistrationDataResponse,
+            "SetRegistrationData", "УстановитьДанныеРегистрации", Optional, body: true, query: [], prepare: nothing,
+            "Checks moved registration data; without `data`, disconnects the calling application irrevocably."),
+        route!(GET "/api/v1/application" => get_application_info(Empty) -> ApplicationInfo,
+            "GetApplicationInfo", "ПолучитьИдентификаторПриложения / ИспользованиеДоступно / ТекущийПользовательЯвляетсяАдминистраторомАбонента", Required, body: false, query: [], prepare: nothing,
+            "Application id, subscriber e-mail, registered, usage available, whether the current user is a subscriber administrator."),
+        route!(POST "/api/v1/subscriber/temporary-code" => request_temporary_code(RequestTemporaryCodeRequest) -> Empty,
+            "RequestTemporaryCode", "ПолучитьВременныйКодАдминистрированияАбонента", Public, body: true, query: [], prepare: nothing,
+            "E-mails a temporary administration code (valid 24 hours or until first use)."),
+        route!(POST "/api/v1/subscriber/administration-key" => reissue_administration_key(ReissueAdministrationKeyRequest) -> Empty,
+            "ReissueAdministrationKey", "ПолучитьКлючАдминистрированияАбонента", Optional, body: true, query: [], prepare: nothing,
+            "Issues a new administration key (the old one stops working) and e-mails it."),
+        route!(GET "/api/v1/subscriber/administrators" => get_subscriber_administrators(GetSubscriberAdministratorsRequest) -> SubscriberAdministrators,
+            "GetSubscriberAdministrators", "ПолучитьАдминистраторовАбонента", Required, body: false, query: [], prepare: nothing,
+            "Users of the application who are subscriber administrators."),
+        route!(PUT "/api/v1/subscriber/administrators" => set_subscriber_administrators(SubscriberAdministrators) -> SubscriberAdministrators,
+            "SetSubscriberAdministrators", "УстановитьАдминистраторовАбонента", Required, body: true, query: [], prepare: nothing,
+            "Sets the subscriber administrators; needs an administrator, or the administration key or a temporary code in `credential`."),
+        route!(POST "/api/v1/subscriber/email" => change_subscriber_email(ChangeSubscriberEmailRequest) -> Empty,
+            "ChangeSubscriberEmail", "УстановитьАдресЭлектроннойПочтыАбонента", Optional, body: true, query: [], prepare: nothing,
+            "Changes the subscriber e-mail."),
+        route!(POST "/api/v1/users" => create_user(CreateUserRequest) -> User,
+            "CreateUser", "СоздатьПользователя", Required, body: true, query: [], prepare: nothing,
+            "Creates a collaboration user (regular, bot, integration or external); privileged mode."),
+        route!(GET "/api/v1/users/{userId}" => get_user(GetUserRequest) -> User,
+            "GetUser", "ПолучитьПользователя", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetUserRequest, params| { request.user_id = params.path("userId"); Ok(()) },
+            "One user by id."),
+        route!(PATCH "/api/v1/users/{userId}" => update_user(UpdateUserRequest) -> User,
+            "UpdateUser", "ПользовательСистемыВзаимодействия.Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::UpdateUserRequest, params| { request.user_id = params.path("userId"); Ok(()) },
+            "Changes the properties named in `updateMask` (including `blocked`)."),
+        route!(POST "/api/v1/users/search" => get_users(UsersFilter) -> UserList,
+            "GetUsers", "ПолучитьПользователей", Required, body: true, query: [], prepare: nothing,
+            "Users matching a filter, paged with `after` (default 200, at most 250 a page)."),
+        route!(POST "/api/v1/conversations" => create_conversation(CreateConversationRequest) -> Conversation,
+            "CreateConversation", "СоздатьОбсуждение", Required, body: true, query: [], prepare: nothing,
+            "Creates a group, one-on-one or context conversation."),
+        route!(GET "/api/v1/conversations/{conversationId}" => get_conversation(GetConversationRequest) -> Conversation,
+            "GetConversation", "ПолучитьОбсуждение", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "One conversation by id."),
+        route!(GET "/api/v1/conversations/by-key/{key}" => get_conversation(GetConversationRequest) -> Conversation,
+            "GetConversationByKey", "ПолучитьОбсуждение (by Ключ)", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetConversationRequest, params| {
+                request.conversation = Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Key(params.path("key"))) });
+                Ok(())
+            },
+            "One conversation by its application-chosen key."),
+        route!(POST "/api/v1/conversations/by-context" => get_conversation_by_context(GetConversationByContextRequest) -> Conversation,
+            "GetConversationByContext", "ПолучитьОбсуждение (by Контекст)", Required, body: true, query: [], prepare: nothing,
+            "The conversation of a context object."),
+        route!(PATCH "/api/v1/conversations/{conversationId}" => update_conversation(UpdateConversationRequest) -> Conversation,
+            "UpdateConversation", "ОбсуждениеСистемыВзаимодействия.Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::UpdateConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Renames, adds or removes members, changes Displayed."),
+        route!(POST "/api/v1/conversations/{conversationId}/leave" => leave_conversation(LeaveConversationRequest) -> Empty,
+            "LeaveConversation", "ПокинутьОбсуждение", Required, body: false, query: [],
+            prepare: |request: &mut wire::LeaveConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "The acting user leaves a group conversation."),
+        route!(POST "/api/v1/conversations/search" => get_conversations(ConversationsFilter) -> ConversationList,
+            "GetConversations", "ПолучитьОбсуждения", Required, body: true, query: [], prepare: nothing,
+            "Conversations matching a filter, paged with `startDate` (and `after` for ties)."),
+        route!(GET "/api/v1/conversation-list" => get_conversation_list(Empty) -> ConversationList,
+            "GetConversationList", "Список обсуждений (§29.3.2)", Required, body: false, query: [], prepare: nothing,
+            "The acting user's list: unread first, padded to 50 by last-message date."),
+        route!(PUT "/api/v1/conversations/{conversationId}/access" => set_context_access(SetContextAccessRequest) -> Empty,
+            "SetContextAccess", "Право Чтение объекта контекста", Required, body: true, query: [],
+            prepare: |request: &mut wire::SetContextAccessRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Grants or revokes users' access to a context conversation (the Read right on its object)."),
+        route!(POST "/api/v1/conversations/{conversationId}/messages" => send_message(SendMessageRequest) -> Message,
+            "SendMessage", "СоздатьСообщение + Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::SendMessageRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Posts a message; a repeated `clientMessageId` returns the stored message instead of a duplicate."),
+        route!(POST "/api/v1/conversations/{conversationId}/messages/search" => get_messages(MessagesFilter) -> MessageList,
+            "GetMessages", "ПолучитьСообщения", Required, body: true, query: [],
+            prepare: |request: &mut wire::MessagesFilter, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Messages of a conversation matching a filter, paged with `after`."),
+        route!(GET "/api/v1/conversations/{conversationId}/events" => get_events(GetEventsRequest) -> EventList,
+            "GetEvents", "—", Required, body: false, query: ["afterSeq", "limit"],
+            prepare: |request: &mut wire::GetEventsRequest, params| {
+                request.conversation = conversation_id(params);
+                request.after_seq = params.query_number("afterSeq")?.unwrap_or(0);
+                request.limit = params.query_number("limit")?.unwrap_or(0);
+                Ok(())
+            },
+            "The conversation's event log after a sequence number (resume)."),
+        route!(POST "/api/v1/conversations/{conversationId}/read" => mark_read(MarkReadRequest) -> UnreadCount,
+            "MarkRead", "ОтметитьПрочтение", Required, body: true, query: [],
+            prepare: |request: &mut wire::MarkReadRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Marks notifications read up to a message (or all)."),
+        route!(GET "/api/v1/messages/{messageId}" => get_message(MessageRef) -> Message,
+            "GetMessage", "ПолучитьСообщение", Required, body: false, query: [],
+            prepare: |request: &mut wire::MessageRef, params| { request.message_id = params.path("messageId"); Ok(()) },
+            "One message by id."),
+        route!(PATCH "/api/v1/messages/{messageId}" => edit_message(EditMessageRequest) -> Message,
+            "EditMessage", "СообщениеСистемыВзаимодействия.Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::EditMessageRequest, params| { request.message_id = params.path("messageId"); Ok(()) },
+            "Edits text, data or buttons of a message."),
+        route!(DELETE "/api/v1/messages/{messageId}" => delete_message(MessageRef) -> Empty,
+            "DeleteMessage", "УдалитьСообщение", Required, body: false, query: [],
+            prepare: |request: &mut wire::MessageRef, params| { request.message_id = params.path("messageId"); Ok(()) },
+            "Deletes a message (its place in the log is kept)."),
+        route!(PUT "/api/v1/conversations/{conversationId}/watch" => set_watch_mode(SetWatchModeRequest) -> WatchMode,
+            "SetWatchMode", "УстановитьРежимНаблюдения", Required, body: true, query: [],
+            prepare: |request: &mut wire::SetWatchModeRequest, params| { request.conversation = conversation_id(params); Ok(()) },
+            "Turns watching a conversation on or off."),
+        route!(GET "/api/v1/conversations/{conversationId}/watch" => get_watch_mode(GetWatchModeRequest) -> WatchMode,
+            "GetWatchMode", "ПолучитьРежимНаблюдения", Required, body: false, query: ["userId"],
+            prepare: |request: &mut wire::GetWatchModeRequest, params| {
+                request.conversation = conversation_id(params);
+                request.user_id = params.query("userId").unwrap_or_default().to_owned();
+                Ok(())
+            },
+            "Whether the user watches the conversation."),
+        route!(PUT "/api/v1/do-not-disturb" => set_do_not_disturb(SetDoNotDisturbRequest) -> DoNotDisturb,
+            "SetDoNotDisturb", "УстановитьРежимНеБеспокоить", Required, body: true, query: [], prepare: nothing,
+            "Do-not-disturb until a time, for all conversations or one."),
+        route!(GET "/api/v1/do-not-disturb" => get_do_not_disturb(GetDoNotDisturbRequest) -> DoNotDisturb,
+            "GetDoNotDisturb", "ПолучитьРежимНеБеспокоить", Required, body: false, query: ["conversationId", "userId"],
+            prepare: |request: &mut wire::GetDoNotDisturbRequest, params| {
+                if let Some(conversation_id) = params.query("conversationId") {
+                    request.conversation = Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())) });
+                }
+                request.user_id = params.query("userId").unwrap_or_default().to_owned();
+                Ok(())
+            },
+            "The do-not-disturb state in force."),
+        route!(GET "/api/v1/unread" => get_unread_counts(Empty) -> UnreadCounts,
+            "GetUnreadCounts", "Непрочитанные оповещения", Required, body: false, query: [], prepare: nothing,
+            "Unread notifications per conversation and in total."),
+    ]
+}
+
+async fn dispatch(
+    gateway: Gateway,
+    route: &'static ApiRoute,
+    path: HashMap<String, String>,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    metrics::counter!("beseda_api_requests_total", "operation" => route.operation).increment(1);
+    let caller = match (route.access, crate::auth::credentials_from_headers(&headers)) {
+        (Access::Public, _) => None,
+        (_, Err(error)) => return error_response(&error),
+        (Access::Optional, Ok(None)) => None,
+        (Access::Required, Ok(None)) => {
+            return error_response(&Error::new(
+                ErrorCode::Unauthenticated,
+                "this operation needs credentials: `Authorization: Bearer <user token>` or Basic <application id>:<application key>",
+            ));
+        }
+        (_, Ok(Some(credentials))) => match crate::auth::authenticate(&gateway.routing, credentials).await {
+            Ok((caller, _)) => Some(caller),
+            Err(error) => return error_response(&error),
+        },
+    };
+    let params = Params { path, query };
+    match (route.handler)(gateway.routing.clone(), caller, params, body).await {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(error) => {
+            if error.code == ErrorCode::Internal {
+                tracing::error!(operation = route.operation, message = %error.message, "api call failed");
+            }
+            error_response(&error)
+        }
+    }
+}
+
+fn method_filter(method: &Method) -> MethodFilter {
+    match *method {
+        Method::POST => MethodFilter::POST,
+        Method::PUT => MethodFilter::PUT,
+        Method::PATCH => MethodFilter::PATCH,
+        Method::DELETE => MethodFilter::DELETE,
+        _ => MethodFilter::GET,
+    }
+}
+
+/// The `/api/v1` router, built from [`routes`].
+pub fn router(gateway: Gateway) -> axum::Router {
+    let table: &'static [ApiRoute] = Box::leak(routes().into_boxed_slice());
+    let mut router = axum::Router::new();
+    let mut by_path: Vec<(&'static str, Vec<&'static ApiRoute>)> = Vec::new();
+    for route in table {
+        match by_path.iter_mut().find(|(path, _)| *path == route.path) {
+            Some((_, routes)) => routes.push(route),
+            None => by_path.push((route.path, vec![route])),
+        }
+    }
+    for (path, routes) in by_path {
+        let mut method_router: Option<axum::routing::MethodRouter<Gateway>> = None;
+        for route in routes {
+            let handler = move |State(gateway): State<Gateway>,
+                                path: RawPathParams,
+                                Query(query): Query<HashMap<String, String>>,
+                                headers: HeaderMap,
+                                body: Bytes| async move {
+                let path = path.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
+                dispatch(gateway, route, path, query, headers, body).await
+            };
+            let filter = method_filter(&route.method);
+            method_router = Some(match method_router {
+                Some(existing) => existing.on(filter, handler),
+                None => on(filter, handler),
+            });
+        }
+        if let Some(method_router) = method_router {
+            router = router.route(path, method_router);
+        }
+    }
+    router.fallback(|| async {
+        error_response(&Error::new(ErrorCode::RouteNotFound, "no such API route; see /api/openapi.json for the list"))
+    })
+    .with_state(gateway)
+}

@@ -1,0 +1,563 @@
+//! The WebSocket client protocol (docs/protocol.md).
+//!
+//! One task per connection reads frames and bus events; one writer task
+//! drains a bounded queue into the socket, batching whatever is queued into
+//! one flush. Slow consumers: when a connection's queue is full, the
+//! connection is closed with `slow_consumer` instead of buffering without
+//! bound or slowing others down; the client reconnects and resumes from its
+//! last seq, losing nothing (every event is in storage).
+//!
+//! Conversation events reach a client exactly once and in seq order: live
+//! events at or below the last seq sent are dropped, and a gap (or a bus
+//! lag) is filled from the conversation's event log before going on.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use beseda_bus::{Received, Topic};
+use beseda_core::limits::MAX_FRAME_BYTES;
+use beseda_core::{Error, ErrorCode, Result};
+use beseda_proto::v1::{self as wire, client_frame, server_frame};
+use beseda_registry::{PresenceChange, UserKey};
+use beseda_routing::{Caller, status};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::StreamMap;
+
+use crate::Gateway;
+
+/// Frames are answered in the encoding they came in; pushes use the Hello's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    Protobuf,
+}
+
+struct Outgoing {
+    frame: wire::ServerFrame,
+    encoding: Encoding,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum StreamKey {
+    User,
+    Conversation(String),
+    Presence(String),
+}
+
+type BusStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Received> + Send>>;
+
+pub async fn upgrade(State(gateway): State<Gateway>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_frame_size(MAX_FRAME_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| serve_connection(gateway, socket))
+}
+
+/// Decodes one client frame; `Ok(None)` for control frames.
+pub fn decode_frame(message: &WsMessage) -> Result<Option<(wire::ClientFrame, Encoding)>> {
+    match message {
+        WsMessage::Text(text) => serde_json::from_str(text.as_str())
+            .map(|frame| Some((frame, Encoding::Json)))
+            .map_err(|error| Error::new(ErrorCode::MalformedRequest, format!("the text frame is not a ClientFrame in JSON: {error}"))),
+        WsMessage::Binary(bytes) => wire::ClientFrame::decode(bytes.as_ref())
+            .map(|frame| Some((frame, Encoding::Protobuf)))
+            .map_err(|error| Error::new(ErrorCode::MalformedRequest, format!("the binary frame is not a protobuf ClientFrame: {error}"))),
+        _ => Ok(None),
+    }
+}
+
+fn encode_frame(outgoing: &Outgoing) -> WsMessage {
+    match outgoing.encoding {
+        Encoding::Json => match serde_json::to_string(&outgoing.frame) {
+            Ok(text) => WsMessage::Text(text.into()),
+            Err(error) => {
+                tracing::error!(%error, "server frame does not encode as json");
+                WsMessage::Text(r#"{"error":{"code":"internal","message":"frame encoding failed"}}"#.into())
+            }
+        },
+        Encoding::Protobuf => WsMessage::Binary(outgoing.frame.encode_to_vec().into()),
+    }
+}
+
+fn error_frame(request_id: u64, error: &Error) -> wire::ServerFrame {
+    wire::ServerFrame {
+        request_id,
+        body: Some(server_frame::Body::Error(wire::Error {
+            code: error.code.as_str().to_owned(),
+            message: error.message.clone(),
+            field: error.field.clone().unwrap_or_default(),
+        })),
+    }
+}
+
+/// Drains the queue into the socket; everything already queued goes out in
+/// one flush.
+async fn write_frames(mut sink: futures_util::stream::SplitSink<WebSocket, WsMessage>, mut queue: mpsc::Receiver<WsMessage>) {
+    while let Some(first) = queue.recv().await {
+        let closing = matches!(first, WsMessage::Close(_));
+        if sink.feed(first).await.is_err() {
+            return;
+        }
+        while !closing && let Ok(next) = queue.try_recv() {
+            let is_close = matches!(next, WsMessage::Close(_));
+            if sink.feed(next).await.is_err() {
+                return;
+            }
+            if is_close {
+                break;
+            }
+        }
+        if sink.flush().await.is_err() || closing {
+            let _ = sink.close().await;
+            return;
+        }
+    }
+}
+
+/// Why a connection ended.
+enum Ending {
+    ClientClosed,
+    Error(Error),
+    Shutdown,
+}
+
+struct Connection {
+    gateway: Gateway,
+    caller: Caller,
+    user_id: String,
+    encoding: Encoding,
+    queue: mpsc::Sender<WsMessage>,
+    streams: StreamMap<StreamKey, BusStream>,
+    /// Last seq sent per subscribed conversation.
+    conversations: HashMap<String, u64>,
+}
+
+impl Connection {
+    /// Queues a push; a full queue means a slow consumer.
+    fn push(&mut self, body: server_frame::Body) -> std::result::Result<(), Ending> {
+        let frame = Outgoing { frame: wire::ServerFrame { request_id: 0, body: Some(body) }, encoding: self.encoding };
+        match self.queue.try_send(encode_frame(&frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("beseda_ws_slow_consumers_total").increment(1);
+                Err(Ending::Error(Error::new(
+                    ErrorCode::SlowConsumer,
+                    format!("more than {} frames were waiting for this connection", self.gateway.config.send_queue_capacity),
+                )))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Ending::ClientClosed),
+        }
+    }
+
+    async fn reply(&mut self, request_id: u64, encoding: Encoding, body: server_frame::Body) -> std::result::Result<(), Ending> {
+        let frame = Outgoing { frame: wire::ServerFrame { request_id, body: Some(body) }, encoding };
+        self.queue.send(encode_frame(&frame)).await.map_err(|_| Ending::ClientClosed)
+    }
+
+    /// Sends stored events after the conversation's last sent seq, up to and
+    /// including `until` when given (else to the end of the log).
+    async fn replay(&mut self, conversation_id: &str, until: Option<u64>) -> std::result::Result<(), Ending> {
+        loop {
+            let after_seq = self.conversations.get(conversation_id).copied().unwrap_or(0);
+            if until.is_some_and(|until| after_seq >= until) {
+                return Ok(());
+            }
+            let request = self.caller.request(wire::GetEventsRequest {
+                conversation: Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())) }),
+                after_seq,
+                limit: 0,
+            });
+            let page = match self.gateway.routing.get_events(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) => return Err(Ending::Error(status::from_status(&status))),
+            };
+            for event in page.events {
+                let seq = event.seq;
+                self.push(server_frame::Body::Event(event))?;
+                self.conversations.insert(conversation_id.to_owned(), seq);
+            }
+            if !page.more {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn on_conversation_event(&mut self, event: &wire::ConversationEvent) -> std::result::Result<(), Ending> {
+        let Some(last_sent) = self.conversations.get(&event.conversation_id).copied() else {
+            return Ok(());
+        };
+        if event.seq <= last_sent {
+            return Ok(());
+        }
+        if event.seq > last_sent + 1 {
+            metrics::counter!("beseda_ws_gap_fills_total").increment(1);
+            return self.replay(&event.conversation_id.clone(), Some(event.seq)).await;
+        }
+        self.push(server_frame::Body::Event(event.clone()))?;
+        self.conversations.insert(event.conversation_id.clone(), event.seq);
+        Ok(())
+    }
+
+    async fn on_bus(&mut self, key: StreamKey, received: Received) -> std::result::Result<(), Ending> {
+        match received {
+            Received::Lagged(missed) => {
+                tracing::debug!(?key, missed, "bus subscriber lagged; resyncing from storage");
+                if let StreamKey::Conversation(conversation_id) = key {
+                    self.replay(&conversation_id, None).await?;
+                } else if key == StreamKey::User {
+                    let counts = self.gateway.routing.get_unread_counts(self.caller.request(wire::Empty {})).await;
+                    if let Ok(counts) = counts {
+                        for count in counts.into_inner().conversations {
+                            self.push(server_frame::Body::UserEvent(wire::UserEvent {
+                                user_id: self.user_id.clone(),
+                                kind: Some(wire::user_event::Kind::UnreadCount(count)),
+                            }))?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Received::Event(event) => match &event.kind {
+                Some(wire::bus_event::Kind::ConversationEvent(conversation_event)) => {
+                    self.on_conversation_event(conversation_event).await
+                }
+                Some(wire::bus_event::Kind::UserEvent(user_event)) => {
+                    self.push(server_frame::Body::UserEvent(user_event.clone()))
+                }
+                None => Ok(()),
+            },
+        }
+    }
+
+    async fn subscribe(&mut self, subscribe: wire::Subscribe) -> Result<server_frame::Body> {
+        let request = self.caller.request(wire::GetConversationRequest { conversation: subscribe.conversation });
+        let conversation =
+            self.gateway.routing.get_conversation(request).await.map_err(|status| status::from_status(&status))?.into_inner();
+        let topic = Topic::Conversation {
+            application_id: self.caller.application_id.clone(),
+            conversation_id: conversation.id.clone(),
+        };
+        // Subscribe before reading the log, so nothing committed in between is missed.
+        self.streams.insert(StreamKey::Conversation(conversation.id.clone()), Box::pin(self.gateway.bus.subscribe(&topic).into_stream()));
+        let start = if subscribe.after_seq == 0 { conversation.last_seq } else { subscribe.after_seq };
+        self.conversations.insert(conversation.id.clone(), start);
+        if let Err(ending) = self.replay(&conversation.id, None).await {
+            return Err(match ending {
+                Ending::Error(error) => error,
+                _ => Error::new(ErrorCode::Unavailable, "the connection closed during replay"),
+            });
+        }
+        let last_seq = self.conversations.get(&conversation.id).copied().unwrap_or(start);
+        Ok(server_frame::Body::Subscribed(wire::Subscribed { conversation_id: conversation.id, last_seq }))
+    }
+
+    async fn watch_presence(&mut self, watch: wire::WatchPresence) -> Result<server_frame::Body> {
+        let watched = self.streams.keys().filter(|key| matches!(key, StreamKey::Presence(_))).count();
+        if watched + watch.user_ids.len() > self.gateway.config.max_presence_watches {
+            return Err(Error::invalid(
+                "userIds",
+                format!("one connection may watch at most {} users' presence", self.gateway.config.max_presence_watches),
+            ));
+        }
+        let mut users = Vec::with_capacity(watch.user_ids.len());
+        for user_id in watch.user_ids {
+            let topic = Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
+            self.streams.insert(StreamKey::Presence(user_id.clone()), Box::pin(self.gateway.bus.subscribe(&topic).into_stream()));
+            let key = UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
+            users.push(wire::Presence { online: self.gateway.registry.is_online(&key).await, user_id });
+        }
+        Ok(server_frame::Body::Presence(wire::PresenceList { users }))
+    }
+
+    /// Answers one request frame.
+    async fn handle(&mut self, body: client_frame::Body) -> Result<server_frame::Body> {
+        use client_frame::Body as In;
+        use server_frame::Body as Out;
+        let routing = self.gateway.routing.clone();
+        let caller = self.caller.clone();
+        let grpc = |status: tonic::Status| status::from_status(&status);
+        Ok(match body {
+            In::Hello(_) => return Err(Error::new(ErrorCode::MalformedRequest, "Hello was already received on this connection")),
+            In::Subscribe(subscribe) => return self.subscribe(subscribe).await,
+            In::Unsubscribe(unsubscribe) => {
+                self.streams.remove(&StreamKey::Conversation(unsubscribe.conversation_id.clone()));
+                self.conversations.remove(&unsubscribe.conversation_id);
+                Out::Ok(wire::Empty {})
+            }
+            In::WatchPresence(watch) => return self.watch_presence(watch).await,
+            In::Ping(ping) => Out::Pong(ping),
+            In::SendMessage(request) => Out::Message(routing.send_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::EditMessage(request) => Out::Message(routing.edit_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::DeleteMessage(request) => Out::Ok(routing.delete_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::GetMessages(request) => Out::Messages(routing.get_messages(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::MarkRead(request) => Out::UnreadCount(routing.mark_read(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::GetConversationList(request) => {
+                Out::Conversations(routing.get_conversation_list(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::GetConversation(request) => {
+                Out::Conversation(routing.get_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::CreateConversation(request) => {
+                Out::Conversation(routing.create_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::UpdateConversation(request) => {
+                Out::Conversation(routing.update_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::LeaveConversation(request) => {
+                Out::Ok(routing.leave_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::GetUsers(request) => Out::Users(routing.get_users(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::SetWatchMode(request) => Out::WatchMode(routing.set_watch_mode(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::SetDoNotDisturb(request) => {
+                Out::DoNotDisturb(routing.set_do_not_disturb(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::GetUnreadCounts(request) => {
+                Out::UnreadCounts(routing.get_unread_counts(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+        })
+    }
+}
+
+/// Reads the Hello and authenticates; answers Welcome or an error frame.
+async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Result<(Caller, wire::User, Encoding), (Error, Encoding)> {
+    let Some(message) = message else {
+        return Err((Error::new(ErrorCode::HelloRequired, "no Hello frame arrived in time"), Encoding::Json));
+    };
+    let (frame, encoding) = match decode_frame(&message) {
+        Ok(Some(decoded)) => decoded,
+        Ok(None) => return Err((Error::new(ErrorCode::HelloRequired, "the first frame must be a Hello data frame"), Encoding::Json)),
+        Err(error) => return Err((error, if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json })),
+    };
+    let Some(client_frame::Body::Hello(hello)) = frame.body else {
+        return Err((Error::new(ErrorCode::HelloRequired, "the first frame must be Hello {protocolVersion, token}"), encoding));
+    };
+    let supported = beseda_proto::MIN_PROTOCOL_VERSION..=beseda_proto::MAX_PROTOCOL_VERSION;
+    if !supported.contains(&hello.protocol_version) {
+        let advice = if hello.protocol_version > beseda_proto::MAX_PROTOCOL_VERSION {
+            "upgrade this Beseda server, or use a client release that speaks one of the supported versions"
+        } else {
+            "upgrade the client to a release that speaks one of the supported versions"
+        };
+        return Err((
+            Error::new(
+                ErrorCode::ProtocolVersionUnsupported,
+                format!(
+                    "the client speaks protocol version {}; this server (Beseda {}) supports versions {} to {}: {advice}",
+                    hello.protocol_version,
+                    beseda_routing::SERVER_VERSION,
+                    beseda_proto::MIN_PROTOCOL_VERSION,
+                    beseda_proto::MAX_PROTOCOL_VERSION
+                ),
+            )
+            .with_field("protocolVersion"),
+            encoding,
+        ));
+    }
+    let credentials = wire::AuthenticateRequest { credentials: Some(wire::authenticate_request::Credentials::UserToken(hello.token)) };
+    let (caller, user) = crate::auth::authenticate(&gateway.routing, credentials).await.map_err(|error| (error, encoding))?;
+    let user = user.ok_or_else(|| (Error::internal("authentication returned no user"), encoding))?;
+    Ok((caller, user, encoding))
+}
+
+async fn publish_presence(gateway: &Gateway, user: &UserKey, online: bool) {
+    let topic = Topic::Presence { application_id: user.application_id.clone(), user_id: user.user_id.clone() };
+    let event = wire::BusEvent {
+        application_id: user.application_id.clone(),
+        kind: Some(wire::bus_event::Kind::UserEvent(wire::UserEvent {
+            user_id: user.user_id.clone(),
+            kind: Some(wire::user_event::Kind::Presence(wire::Presence { user_id: user.user_id.clone(), online })),
+        })),
+    };
+    gateway.bus.publish(&topic, event).await;
+}
+
+async fn serve_connection(gateway: Gateway, socket: WebSocket) {
+    let (sink, mut stream) = socket.split();
+    let (queue, receiver) = mpsc::channel::<WsMessage>(gateway.config.send_queue_capacity);
+    let writer = tokio::spawn(write_frames(sink, receiver));
+    metrics::gauge!("beseda_ws_connections").increment(1.0);
+
+    let first = tokio::time::timeout(gateway.config.hello_timeout, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(message)) => return Some(message),
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or(None);
+    let (caller, user, encoding) = match greet(&gateway, first).await {
+        Ok(greeted) => greeted,
+        Err((error, encoding)) => {
+            let _ = queue.send(encode_frame(&Outgoing { frame: error_frame(0, &error), encoding })).await;
+            let _ = queue.send(WsMessage::Close(Some(CloseFrame { code: 4000, reason: error.code.as_str().into() }))).await;
+            drop(queue);
+            let _ = writer.await;
+            metrics::gauge!("beseda_ws_connections").decrement(1.0);
+            return;
+        }
+    };
+    let user_key = UserKey { application_id: caller.application_id.clone(), user_id: user.id.clone() };
+    if gateway.registry.connected(&user_key, &gateway.config.node_id).await == PresenceChange::CameOnline {
+        publish_presence(&gateway, &user_key, true).await;
+    }
+    let mut connection = Connection {
+        gateway: gateway.clone(),
+        caller,
+        user_id: user.id.clone(),
+        encoding,
+        queue: queue.clone(),
+        streams: StreamMap::new(),
+        conversations: HashMap::new(),
+    };
+    let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
+    connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).into_stream()));
+    let welcome = server_frame::Body::Welcome(wire::Welcome {
+        protocol_version: beseda_proto::MAX_PROTOCOL_VERSION,
+        server_version: beseda_routing::SERVER_VERSION.to_owned(),
+        session_id: uuid::Uuid::new_v4().to_string(),
+        user: Some(user),
+        ping_interval_seconds: gateway.config.ping_interval.as_secs() as u32,
+    });
+    let ending = match connection.reply(0, encoding, welcome).await {
+        Ok(()) => run_connection(&mut connection, &mut stream).await,
+        Err(ending) => ending,
+    };
+    match &ending {
+        Ending::Error(error) => {
+            let _ = queue.try_send(encode_frame(&Outgoing { frame: error_frame(0, error), encoding }));
+            let _ = queue.try_send(WsMessage::Close(Some(CloseFrame { code: 4001, reason: error.code.as_str().into() })));
+        }
+        Ending::Shutdown => {
+            let reconnect = server_frame::Body::Reconnect(wire::Reconnect { reason: "the server is shutting down".into() });
+            let _ = queue.try_send(encode_frame(&Outgoing {
+                frame: wire::ServerFrame { request_id: 0, body: Some(reconnect) },
+                encoding,
+            }));
+            let _ = queue.try_send(WsMessage::Close(Some(CloseFrame { code: 1012, reason: "service restart".into() })));
+        }
+        Ending::ClientClosed => {}
+    }
+    drop(connection);
+    drop(queue);
+    let _ = writer.await;
+    if gateway.registry.disconnected(&user_key, &gateway.config.node_id).await == PresenceChange::WentOffline {
+        publish_presence(&gateway, &user_key, false).await;
+    }
+    metrics::gauge!("beseda_ws_connections").decrement(1.0);
+}
+
+async fn run_connection(connection: &mut Connection, stream: &mut futures_util::stream::SplitStream<WebSocket>) -> Ending {
+    let config = connection.gateway.config.clone();
+    let mut shutdown = connection.gateway.shutdown.clone();
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.reset();
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            incoming = stream.next() => {
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "websocket read failed");
+                        return Ending::ClientClosed;
+                    }
+                    None => return Ending::ClientClosed,
+                };
+                last_heard = Instant::now();
+                if matches!(message, WsMessage::Close(_)) {
+                    return Ending::ClientClosed;
+                }
+                let (frame, encoding) = match decode_frame(&message) {
+                    Ok(Some(decoded)) => decoded,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        let encoding = if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json };
+                        if let Err(ending) = connection.reply(0, encoding, error_frame(0, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {}))).await {
+                            return ending;
+                        }
+                        continue;
+                    }
+                };
+                metrics::counter!("beseda_ws_frames_in_total").increment(1);
+                let request_id = frame.request_id;
+                let answer = match frame.body {
+                    Some(body) => connection.handle(body).await,
+                    None => Err(Error::new(ErrorCode::FieldRequired, "the frame has no body; set one request field").with_field("body")),
+                };
+                let body = match answer {
+                    Ok(body) => body,
+                    Err(error) => error_frame(request_id, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {})),
+                };
+                if let Err(ending) = connection.reply(request_id, encoding, body).await {
+                    return ending;
+                }
+            }
+            Some((key, received)) = connection.streams.next(), if !connection.streams.is_empty() => {
+                if let Err(ending) = connection.on_bus(key, received).await {
+                    return ending;
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > config.idle_timeout {
+                    return Ending::Error(Error::new(ErrorCode::Unavailable, "no frame or pong arrived within the idle timeout"));
+                }
+                if connection.queue.try_send(WsMessage::Ping(Default::default())).is_err() {
+                    return Ending::Error(Error::new(ErrorCode::SlowConsumer, "the connection's send queue is full"));
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return Ending::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+/// Shared-state-free helper for tests: a connection count of this process.
+pub fn connections_gauge_name() -> &'static str {
+    "beseda_ws_connections"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_frames_decode_to_typed_errors_not_panics() {
+        let samples: Vec<WsMessage> = vec![
+            WsMessage::Text("".into()),
+            WsMessage::Text("{".into()),
+            WsMessage::Text("[1,2,3]".into()),
+            WsMessage::Text(r#"{"requestId": "x"}"#.into()),
+            WsMessage::Text(r#"{"hello": {"protocolVersion": -1}}"#.into()),
+            WsMessage::Binary(vec![0xff, 0xff, 0xff, 0xff, 0x0f].into()),
+            WsMessage::Binary(vec![0x0a, 0x80].into()),
+        ];
+        for sample in samples {
+            let error = decode_frame(&sample).unwrap_err();
+            assert_eq!(error.code, ErrorCode::MalformedRequest, "{sample:?}");
+        }
+    }
+
+    #[test]
+    fn json_and_protobuf_frames_carry_the_same_message() {
+        let frame = wire::ClientFrame {
+            request_id: 7,
+            body: Some(client_frame::Body::Ping(wire::Ping { nonce: 42 })),
+        };
+        let json = serde_json::to_string(&frame).unwrap();
+        let (from_json, _) = decode_frame(&WsMessage::Text(json.into())).unwrap().unwrap();
+        let (from_binary, _) = decode_frame(&WsMessage::Binary(frame.encode_to_vec().into())).unwrap().unwrap();
+        assert_eq!(from_json, frame);
+        assert_eq!(from_binary, frame);
+    }
+}

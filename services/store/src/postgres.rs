@@ -1,0 +1,345 @@
+//! The PostgreSQL engine, for clusters: tokio-postgres connections in a
+//! deadpool pool.
+//!
+//! A transaction holds one pooled connection from `BEGIN` to `COMMIT`. If it
+//! is dropped unfinished (an error path, a cancelled request), the connection
+//! must not go back to the pool mid-transaction: `Drop` moves it into a task
+//! that rolls back first, and a connection whose rollback fails, or that has
+//! no runtime to roll back on, is detached from the pool and closed (the
+//! server then aborts the transaction itself).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use beseda_core::model::*;
+use beseda_core::{Error, Result};
+use bytes::BytesMut;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Config, NoTls};
+
+use crate::domain::{SqlStore, forward_store};
+use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value};
+use crate::migrate::{self, Migration};
+
+/// The PostgreSQL schema migrations, in order.
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") }];
+
+/// Serializes migrations of one schema across nodes. Transaction-scoped, so
+/// it is released with the migration's COMMIT (or a crash).
+const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(1650811201, hashtext(current_schema()))";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`Store`](crate::Store) on PostgreSQL.
+pub struct PostgresStore {
+    core: SqlStore,
+}
+
+impl PostgresStore {
+    /// Connects a pool of at most `pool_size` connections to `url` (a
+    /// `postgres://` URL or key-value string) and migrates the schema that
+    /// the connection's `search_path` selects.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<Self> {
+        Self::connect_with(parse_config(url)?, pool_size).await
+    }
+
+    /// Like [`connect`](Self::connect), but creates `schema` if needed and
+    /// puts every pooled connection's `search_path` on it, so that separate
+    /// schemas (tests, tenants of a shared server) never see each other.
+    /// `schema` must be a plain identifier (ASCII letters, digits, `_`).
+    pub async fn connect_in_schema(url: &str, schema: &str, pool_size: usize) -> Result<Self> {
+        check_schema_name(schema)?;
+        let mut config = parse_config(url)?;
+        let client = connect_one(&config).await?;
+        client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await.map_err(pg_error)?;
+        let options = match config.get_options() {
+            Some(existing) if !existing.is_empty() => format!("{existing} -c search_path={schema}"),
+            _ => format!("-c search_path={schema}"),
+        };
+        config.options(options);
+        Self::connect_with(config, pool_size).await
+    }
+
+    /// Drops `schema` and everything in it (test clean-up).
+    pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
+        check_schema_name(schema)?;
+        let client = connect_one(&parse_config(url)?).await?;
+        client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await.map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn connect_with(mut config: Config, pool_size: usize) -> Result<Self> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|error| Error::internal(format!("cannot build postgres pool: {error}")))?;
+        let engine = PostgresEngine { pool };
+        migrate::run(&engine, MIGRATIONS, Some(MIGRATION_LOCK)).await?;
+        tracing::info!(pool_size, "connected to postgres");
+        Ok(PostgresStore { core: SqlStore::new(Box::new(engine)) })
+    }
+}
+
+forward_store!(PostgresStore);
+
+fn parse_config(url: &str) -> Result<Config> {
+    url.parse::<Config>().map_err(|error| Error::internal(format!("invalid postgres url: {error}")))
+}
+
+fn check_schema_name(schema: &str) -> Result<()> {
+    let mut chars = schema.chars();
+    let valid = chars.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && schema.len() <= 63;
+    if !valid {
+        return Err(Error::internal(format!("invalid postgres schema name {schema:?}")));
+    }
+    Ok(())
+}
+
+/// One connection outside the pool, for schema management.
+async fn connect_one(config: &Config) -> Result<tokio_postgres::Client> {
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "postgres connection ended with an error");
+        }
+    });
+    Ok(client)
+}
+
+fn pg_error(error: tokio_postgres::Error) -> Error {
+    map_error(error).into()
+}
+
+fn map_error(error: tokio_postgres::Error) -> DbError {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::UNIQUE_VIOLATION {
+            return DbError::Unique { constraint: db.constraint().unwrap_or_default().to_owned() };
+        }
+        // Class 08: connection exception; 53: insufficient resources;
+        // 57P0x: the server is shutting down or restarting.
+        let class = code.code();
+        if class.starts_with("08") || class.starts_with("53") || class.starts_with("57P0") {
+            return DbError::Unavailable(format!("postgres {class}: {}", db.message()));
+        }
+        return DbError::Other(format!("postgres {class}: {}", db.message()));
+    }
+    let io = error.source().is_some_and(|source| source.is::<std::io::Error>());
+    if error.is_closed() || io {
+        return DbError::Unavailable(format!("postgres: {error}"));
+    }
+    DbError::Other(format!("postgres: {error}"))
+}
+
+fn pool_error(error: PoolError) -> DbError {
+    match error {
+        PoolError::Backend(error) => map_error(error),
+        other => DbError::Unavailable(format!("postgres pool: {other}")),
+    }
+}
+
+struct PostgresEngine {
+    pool: Pool,
+}
+
+impl PostgresEngine {
+    async fn connection(&self) -> DbResult<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+fn as_params(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|value| value as &(dyn ToSql + Sync)).collect()
+}
+
+async fn run_query(client: &Object, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
+    let statement = client.prepare_cached(sql).await.map_err(map_error)?;
+    let rows = client.query(&statement, &as_params(params)).await.map_err(map_error)?;
+    rows.iter().map(convert_row).collect()
+}
+
+async fn run_execute(client: &Object, sql: &str, params: &[Value]) -> DbResult<u64> {
+    let statement = client.prepare_cached(sql).await.map_err(map_error)?;
+    client.execute(&statement, &as_params(params)).await.map_err(map_error)
+}
+
+fn convert_row(row: &tokio_postgres::Row) -> DbResult<Row> {
+    let wrong = |index: usize, error: tokio_postgres::Error| DbError::Other(format!("column {index}: {error}"));
+    let mut values = Vec::with_capacity(row.len());
+    for (index, column) in row.columns().iter().enumerate() {
+        let ty = column.type_();
+        let value = if *ty == Type::INT8 {
+            row.try_get::<_, Option<i64>>(index).map_err(|error| wrong(index, error))?.map(Value::Int)
+        } else if *ty == Type::INT4 {
+            row.try_get::<_, Option<i32>>(index).map_err(|error| wrong(index, error))?.map(|v| Value::Int(v.into()))
+        } else if *ty == Type::INT2 {
+            row.try_get::<_, Option<i16>>(index).map_err(|error| wrong(index, error))?.map(|v| Value::Int(v.into()))
+        } else if *ty == Type::BOOL {
+            row.try_get::<_, Option<bool>>(index).map_err(|error| wrong(index, error))?.map(Value::Bool)
+        } else if *ty == Type::BYTEA {
+            row.try_get::<_, Option<Vec<u8>>>(index).map_err(|error| wrong(index, error))?.map(Value::Bytes)
+        } else if <&str as tokio_postgres::types::FromSql>::accepts(ty) {
+            row.try_get::<_, Option<String>>(index).map_err(|error| wrong(index, error))?.map(Value::Text)
+        } else {
+            return Err(DbError::Other(format!("column {index} has unsupported type {ty}")));
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+impl ToSql for Value {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(value) if *ty == Type::INT4 => i32::try_from(*value)?.to_sql(ty, out),
+            Value::Int(value) if *ty == Type::INT2 => i16::try_from(*value)?.to_sql(ty, out),
+            Value::Int(value) if *ty == Type::INT8 => value.to_sql(ty, out),
+            Value::Text(text) if <&str as ToSql>::accepts(ty) => text.as_str().to_sql(ty, out),
+            Value::Bool(value) if *ty == Type::BOOL => value.to_sql(ty, out),
+            Value::Bytes(bytes) if *ty == Type::BYTEA => bytes.as_slice().to_sql(ty, out),
+            other => Err(format!("cannot bind {other:?} as postgres type {ty}").into()),
+        }
+    }
+
+    // The parameter's SQL type comes from the statement; `to_sql` checks the
+    // pairing per value, since one `Value` type stands for all of them.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+#[async_trait]
+impl Engine for PostgresEngine {
+    async fn query(&self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
+        run_query(&self.connection().await?, sql, params).await
+    }
+
+    async fn execute(&self, sql: &str, params: &[Value]) -> DbResult<u64> {
+        run_execute(&self.connection().await?, sql, params).await
+    }
+
+    async fn begin(&self) -> DbResult<Box<dyn Transaction>> {
+        let client = self.connection().await?;
+        let mut transaction = PostgresTransaction { client: Some(client) };
+        // If BEGIN itself fails, dropping `transaction` disposes of the
+        // connection safely.
+        transaction.client()?.batch_execute("BEGIN").await.map_err(map_error)?;
+        Ok(Box::new(transaction))
+    }
+}
+
+/// An open transaction on one pooled connection.
+struct PostgresTransaction {
+    /// `None` once finished.
+    client: Option<Object>,
+}
+
+impl PostgresTransaction {
+    fn client(&mut self) -> DbResult<&Object> {
+        self.client.as_ref().ok_or_else(|| DbError::Other("postgres transaction already ended".into()))
+    }
+
+    async fn finish(mut self: Box<Self>, statement: &str) -> DbResult<()> {
+        let client = self.client.take().ok_or_else(|| DbError::Other("postgres transaction already ended".into()))?;
+        match client.batch_execute(statement).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // The transaction's state is unknown: never pool this connection again.
+                drop(Object::take(client));
+                Err(map_error(error))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Executor for PostgresTransaction {
+    async fn query(&mut self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
+        run_query(self.client()?, sql, params).await
+    }
+
+    async fn execute(&mut self, sql: &str, params: &[Value]) -> DbResult<u64> {
+        run_execute(self.client()?, sql, params).await
+    }
+}
+
+#[async_trait]
+impl Transaction for PostgresTransaction {
+    async fn execute_script(&mut self, sql: &str) -> DbResult<()> {
+        self.client()?.batch_execute(sql).await.map_err(map_error)
+    }
+
+    async fn commit(self: Box<Self>) -> DbResult<()> {
+        self.finish("COMMIT").await
+    }
+
+    async fn rollback(self: Box<Self>) -> DbResult<()> {
+        self.finish("ROLLBACK").await
+    }
+}
+
+impl Drop for PostgresTransaction {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = client.batch_execute("ROLLBACK").await {
+                        tracing::warn!(%error, "postgres rollback failed; closing the connection");
+                        drop(Object::take(client));
+                    }
+                    // Otherwise `client` drops here, back into the pool, clean.
+                });
+            }
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema_name("beseda_test_1").is_ok());
+        assert!(check_schema_name("_x").is_ok());
+        for bad in ["", "1abc", "a-b", "a\"; DROP SCHEMA public; --", &"a".repeat(64)] {
+            assert!(check_schema_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn values_bind_to_the_statement_types() {
+        let mut out = BytesMut::new();
+        assert!(matches!(Value::Int(7).to_sql(&Type::INT4, &mut out), Ok(IsNull::No)));
+        assert!(Value::Int(i64::MAX).to_sql(&Type::INT4, &mut out).is_err());
+        assert!(matches!(Value::Null.to_sql(&Type::BOOL, &mut out), Ok(IsNull::Yes)));
+        assert!(Value::Text("x".into()).to_sql(&Type::INT8, &mut out).is_err());
+        assert!(matches!(Value::Bool(true).to_sql(&Type::BOOL, &mut out), Ok(IsNull::No)));
+    }
+}
