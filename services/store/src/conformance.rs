@@ -283,7 +283,7 @@ pub async fn pending_activations_are_taken_once_and_not_after_expiry(store: &dyn
     // Concurrent takes: exactly one gets it.
     store.put_pending_activation(&expiring).await.unwrap();
     let takes = join_all((0..8).map(|_| store.take_pending_activation("owner@example.com", "code-3", base))).await;
-    let taken: Vec<_> = takes.into_iter().map(Result::unwrap).flatten().collect();
+    let taken: Vec<_> = takes.into_iter().flat_map(Result::unwrap).collect();
     assert_eq!(taken, vec![expiring]);
 }
 
@@ -392,11 +392,8 @@ pub async fn users_are_inserted_read_and_updated_with_unique_infobase_and_extern
     store.insert_user(&app, &successor).await.unwrap();
     let clash = User { infobase_user_id: Some("ib-anna".into()), ..bot.clone() };
     assert_eq!(error_code(store.update_user(&app, &clash).await), ErrorCode::UserExists);
-    let external_clash = User {
-        external_system_type: "whatsapp".into(),
-        external_system_user_id: "tg-1".into(),
-        ..guest.clone()
-    };
+    let external_clash =
+        User { external_system_type: "whatsapp".into(), external_system_user_id: "tg-1".into(), ..guest.clone() };
     assert_eq!(error_code(store.update_user(&app, &external_clash).await), ErrorCode::UserExists);
     assert_eq!(store.get_user(&app, &bot.id).await.unwrap(), Some(bot));
 
@@ -427,6 +424,7 @@ pub async fn subscriber_administrators_become_exactly_the_given_users(store: &dy
 /// exclusively in either direction.
 pub async fn list_users_filters_and_pages_in_both_directions(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     let mut anna = user_named("u-1", "Anna");
     anna.infobase_user_id = Some("ib-anna".into());
     let anna_lower = user_named("u-2", "anna");
@@ -491,10 +489,7 @@ pub async fn list_users_filters_and_pages_in_both_directions(store: &dyn Store) 
     assert_eq!(names(&list(UserQuery { kind: Some(UserKind::Bot), ..query(100) }).await), ["Dmitry"]);
     let in_conversation = UserQuery { conversation_id: Some("conv-users".into()), ..query(100) };
     assert_eq!(names(&list(in_conversation.clone()).await), ["Anna", "Борис"]);
-    assert_eq!(
-        names(&list(UserQuery { include_blocked: true, ..in_conversation }).await),
-        ["Anna", "Clara", "Борис"]
-    );
+    assert_eq!(names(&list(UserQuery { include_blocked: true, ..in_conversation }).await), ["Anna", "Clara", "Борис"]);
     assert_eq!(names(&list(UserQuery { infobase_user_id: Some("ib-anna".into()), ..query(100) }).await), ["Anna"]);
     assert_eq!(names(&list(UserQuery { matching_key: Some("mk-boris".into()), ..query(100) }).await), ["Boris"]);
     assert_eq!(
@@ -525,7 +520,8 @@ pub async fn conversations_enforce_key_and_context_uniqueness_and_are_found_by_b
     duplicate_key.key = Some("support-42".into());
     assert_eq!(error_code(store.insert_conversation(&app, &duplicate_key).await), ErrorCode::ConversationKeyTaken);
     assert_eq!(store.get_conversation(&app, "conv-duplicate").await.unwrap(), None);
-    let members_of_failed = UserQuery { limit: 10, conversation_id: Some("conv-duplicate".into()), ..Default::default() };
+    let members_of_failed =
+        UserQuery { limit: 10, conversation_id: Some("conv-duplicate".into()), ..Default::default() };
     store.insert_user(&app, &user_named("x", "X")).await.unwrap();
     assert!(store.list_users(&app, &members_of_failed).await.unwrap().is_empty());
 
@@ -566,7 +562,8 @@ pub async fn concurrent_inserts_of_one_key_or_context_let_exactly_one_win(store:
         })
         .collect();
     let results = join_all(keyed.iter().map(|conversation| store.insert_conversation(&app, conversation))).await;
-    let codes: Vec<Option<ErrorCode>> = results.into_iter().map(|result| result.err().map(|error| error.code)).collect();
+    let codes: Vec<Option<ErrorCode>> =
+        results.into_iter().map(|result| result.err().map(|error| error.code)).collect();
     assert_eq!(codes.iter().filter(|code| code.is_none()).count(), 1, "{codes:?}");
     assert!(codes.iter().flatten().all(|code| *code == ErrorCode::ConversationKeyTaken), "{codes:?}");
     let winner = store.get_conversation_by_key(&app, "race").await.unwrap().unwrap();
@@ -579,7 +576,8 @@ pub async fn concurrent_inserts_of_one_key_or_context_let_exactly_one_win(store:
         })
         .collect();
     let results = join_all(contextual.iter().map(|conversation| store.insert_conversation(&app, conversation))).await;
-    let codes: Vec<Option<ErrorCode>> = results.into_iter().map(|result| result.err().map(|error| error.code)).collect();
+    let codes: Vec<Option<ErrorCode>> =
+        results.into_iter().map(|result| result.err().map(|error| error.code)).collect();
     assert_eq!(codes.iter().filter(|code| code.is_none()).count(), 1, "{codes:?}");
     assert!(codes.iter().flatten().all(|code| *code == ErrorCode::ContextConversationExists), "{codes:?}");
     let query = ConversationQuery { limit: 100, has_context: Some(true), ..Default::default() };
@@ -628,6 +626,7 @@ pub async fn update_conversation_changes_members_and_logs_an_event_with_the_next
 /// page exclusively either way; every filter narrows.
 pub async fn list_conversations_filters_and_pages_by_last_activity_in_both_directions(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     let mut a = conversation_with("conv-a", &["me"], 1_000);
     a.title = "Alpha Team".into();
     let b = Conversation { title: "Бета".into(), ..conversation_with("conv-b", &["me", "you"], 2_000) };
@@ -677,12 +676,18 @@ pub async fn list_conversations_filters_and_pages_by_last_activity_in_both_direc
     assert_eq!(conversation_ids(&all), ["conv-g", "conv-f", "conv-b", "conv-c", "conv-d", "conv-e", "conv-a"]);
     let filtered = |query: ConversationQuery| async move { conversation_ids(&list(query).await).join(",") };
     assert_eq!(filtered(ConversationQuery { has_context: Some(true), ..everything.clone() }).await, "conv-g,conv-f");
-    assert_eq!(filtered(ConversationQuery { ids: strings(&["conv-e", "conv-b", "x"]), ..everything.clone() }).await, "conv-b,conv-e");
+    assert_eq!(
+        filtered(ConversationQuery { ids: strings(&["conv-e", "conv-b", "x"]), ..everything.clone() }).await,
+        "conv-b,conv-e"
+    );
     assert_eq!(
         filtered(ConversationQuery { title_contains: Some("TEAM".into()), ..everything.clone() }).await,
         "conv-a"
     );
-    assert_eq!(filtered(ConversationQuery { title_contains: Some("бЕт".into()), ..everything.clone() }).await, "conv-b");
+    assert_eq!(
+        filtered(ConversationQuery { title_contains: Some("бЕт".into()), ..everything.clone() }).await,
+        "conv-b"
+    );
     assert_eq!(filtered(ConversationQuery { title_contains: Some("%".into()), ..everything.clone() }).await, "");
     assert_eq!(filtered(ConversationQuery { group: Some(false), ..everything.clone() }).await, "conv-c");
     assert_eq!(filtered(ConversationQuery { displayed: Some(false), ..everything.clone() }).await, "conv-d");
@@ -718,6 +723,7 @@ pub async fn list_conversations_filters_and_pages_by_last_activity_in_both_direc
 /// then the others by last activity until `pad_to`.
 pub async fn conversation_list_puts_unread_first_and_pads_to_the_requested_size(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     for (id, created_at) in [("cl-1", 1_000), ("cl-2", 2_000), ("cl-3", 3_000), ("cl-4", 4_000)] {
         store.insert_conversation(&app, &conversation_with(id, &["me", "peer"], created_at)).await.unwrap();
     }
@@ -734,7 +740,8 @@ pub async fn conversation_list_puts_unread_first_and_pads_to_the_requested_size(
     // cl-4 had activity but nothing unread for me.
     append(store, &app, message_in("cl-4", "me", "mine", 4_500), &["peer"]).await;
 
-    let list = |pad_to| async move { conversation_ids(&store.conversation_list(&app, "me", pad_to).await.unwrap()).join(",") };
+    let list =
+        |pad_to| async move { conversation_ids(&store.conversation_list(&app, "me", pad_to).await.unwrap()).join(",") };
     assert_eq!(list(10).await, "cl-3,cl-1,cl-5,cl-4,cl-2");
     assert_eq!(list(4).await, "cl-3,cl-1,cl-5,cl-4");
     assert_eq!(list(1).await, "cl-3,cl-1");
@@ -746,12 +753,16 @@ pub async fn conversation_list_puts_unread_first_and_pads_to_the_requested_size(
     assert_eq!(full[0].member_ids, strings(&["me", "peer"]));
     assert_eq!(full[0].last_message_at, Some(1_500));
 
-    assert_eq!(conversation_ids(&store.conversation_list(&app, "peer", 3).await.unwrap()), ["cl-other", "cl-4", "cl-5"]);
+    assert_eq!(
+        conversation_ids(&store.conversation_list(&app, "peer", 3).await.unwrap()),
+        ["cl-other", "cl-4", "cl-5"]
+    );
 }
 
 /// Context access: per-user grants and revocations plus the all-users flag.
 pub async fn context_access_is_granted_revoked_and_opened_to_all_users(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     let contextual = Conversation { context: context("Project", "p-1"), ..conversation_with("ctx", &[], 1_000) };
     store.insert_conversation(&app, &contextual).await.unwrap();
     store.insert_conversation(&app, &conversation_with("plain", &["u1"], 1_000)).await.unwrap();
@@ -924,7 +935,10 @@ pub async fn notifications_count_unread_and_mark_read_can_be_partial(store: &dyn
         ]
     );
     assert_eq!(store.mark_read(&app, "conv-1", "u2", 0).await.unwrap(), 6);
-    assert_eq!(error_code(store.mark_read(&app, "no-such-conversation", "u1", 1).await), ErrorCode::ConversationNotFound);
+    assert_eq!(
+        error_code(store.mark_read(&app, "no-such-conversation", "u1", 1).await),
+        ErrorCode::ConversationNotFound
+    );
 }
 
 /// Edits replace content and log `MessageEdited`; deletes clear content, keep
@@ -1003,10 +1017,10 @@ pub async fn events_after_returns_events_in_seq_order_up_to_the_limit(store: &dy
     let target = created[1].clone();
     let EventKind::MessageCreated(message) = target.kind else { panic!("expected MessageCreated") };
     let (_, edited) = store.edit_message(&app, &Message { text: "m1 edited".into(), ..message }).await.unwrap();
-    let (_, changed) =
-        store.update_conversation(&app, "conv-1", &ConversationChange { title: Some("T".into()), ..Default::default() })
-            .await
-            .unwrap();
+    let (_, changed) = store
+        .update_conversation(&app, "conv-1", &ConversationChange { title: Some("T".into()), ..Default::default() })
+        .await
+        .unwrap();
 
     let all = store.events_after(&app, "conv-1", 0, 100).await.unwrap();
     let mut expected = created.clone();
@@ -1027,6 +1041,7 @@ pub async fn events_after_returns_events_in_seq_order_up_to_the_limit(store: &dy
 /// deleted filters combine with `after` paging in both directions.
 pub async fn list_messages_filters_and_pages_by_seq(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     store.insert_conversation(&app, &conversation_with("conv-1", &["a", "b"], 1_000)).await.unwrap();
     store.insert_conversation(&app, &conversation_with("conv-2", &["a", "b"], 1_000)).await.unwrap();
     let texts = ["Hello World", "Привет МИР", "50% off", "plain_text", "hello again", "last"];
@@ -1109,6 +1124,7 @@ pub async fn watch_mode_is_stored_per_user_and_forms_the_notification_audience(s
 /// set, replaced and cleared independently.
 pub async fn do_not_disturb_is_user_wide_or_per_conversation(store: &dyn Store) {
     let app = tenant(store).await;
+    let app = app.as_str();
     let get = |conversation: Option<&'static str>| async move {
         store.get_do_not_disturb(&app, "u1", conversation).await.unwrap()
     };
@@ -1182,16 +1198,14 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
 
     // Snapshot B before A is changed.
     let snapshot = |app: String| async move {
-        let users = store.list_users(&app, &UserQuery { limit: 100, include_blocked: true, ..Default::default() });
-        let conversations = store.list_conversations(&app, &ConversationQuery { limit: 100, ..Default::default() });
-        let messages = store.list_messages(
-            &app,
-            &MessageQuery { limit: 100, conversation_id: "conv".into(), include_deleted: true, ..Default::default() },
-        );
+        let users = UserQuery { limit: 100, include_blocked: true, ..Default::default() };
+        let conversations = ConversationQuery { limit: 100, ..Default::default() };
+        let messages =
+            MessageQuery { limit: 100, conversation_id: "conv".into(), include_deleted: true, ..Default::default() };
         (
-            users.await.unwrap(),
-            conversations.await.unwrap(),
-            messages.await.unwrap(),
+            store.list_users(&app, &users).await.unwrap(),
+            store.list_conversations(&app, &conversations).await.unwrap(),
+            store.list_messages(&app, &messages).await.unwrap(),
             store.events_after(&app, "conv", 0, 100).await.unwrap(),
             store.unread_counts(&app, "u2").await.unwrap(),
             store.notification_audience(&app, "conv").await.unwrap(),
@@ -1201,7 +1215,7 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
     };
     let before_b = snapshot(app_b.clone()).await;
     assert_eq!(names(&before_b.0), ["B u1", "B u2"]);
-    assert_eq!(conversation_ids(&before_b.1), ["conv", "ctx"]);
+    assert_eq!(conversation_ids(&before_b.1), ["ctx", "conv"]);
     assert_eq!(before_b.2.len(), 1);
     assert_eq!(before_b.2[0].text, "B text");
 
@@ -1209,7 +1223,12 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
     assert_eq!(store.get_user(&app_a, "u1").await.unwrap().unwrap().name, "A u1");
     assert_eq!(store.get_user_by_infobase_id(&app_a, "ib-u1").await.unwrap().unwrap().name, "A u1");
     assert_eq!(names(&store.get_users(&app_a, &strings(&["u1", "u2"])).await.unwrap()), ["A u1", "A u2"]);
-    let filtered = UserQuery { limit: 10, conversation_id: Some("conv".into()), matching_key: Some("mk".into()), ..Default::default() };
+    let filtered = UserQuery {
+        limit: 10,
+        conversation_id: Some("conv".into()),
+        matching_key: Some("mk".into()),
+        ..Default::default()
+    };
     assert_eq!(names(&store.list_users(&app_a, &filtered).await.unwrap()), ["A u1", "A u2"]);
     assert_eq!(store.count_users(&app_a).await.unwrap(), 2);
     assert_eq!(store.get_conversation(&app_a, "conv").await.unwrap().unwrap().title, "A shared");
@@ -1230,10 +1249,18 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
     assert!(store.list_users(&app_b, &only_a_members).await.unwrap().is_empty());
     let only_a_ids = ConversationQuery { limit: 10, ids: strings(&["only-a"]), ..Default::default() };
     assert!(store.list_conversations(&app_b, &only_a_ids).await.unwrap().is_empty());
-    assert!(store.list_conversations(&app_b, &ConversationQuery { after_id: Some("only-a".into()), ..only_a_ids }).await.unwrap().is_empty());
+    // Paging after an A-only conversation must not take A's date as anchor.
+    let after_only_a = ConversationQuery {
+        limit: 10,
+        direction: SortDirection::Descending,
+        after_id: Some("only-a".into()),
+        ..Default::default()
+    };
+    assert!(store.list_conversations(&app_b, &after_only_a).await.unwrap().is_empty());
 
     // Changes addressed through B to A-only rows fail as not found.
-    let to_only_a = NewMessage { message: message_in("only-a", "u1", "intruder", 4_000), notify_user_ids: strings(&["u1"]) };
+    let to_only_a =
+        NewMessage { message: message_in("only-a", "u1", "intruder", 4_000), notify_user_ids: strings(&["u1"]) };
     assert_eq!(error_code(store.append_message(&app_b, &to_only_a).await), ErrorCode::ConversationNotFound);
     let change = ConversationChange { title: Some("hijacked".into()), ..Default::default() };
     assert_eq!(error_code(store.update_conversation(&app_b, "only-a", &change).await), ErrorCode::ConversationNotFound);
@@ -1260,7 +1287,11 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
         remove_member_ids: strings(&["u1", "u2"]),
     };
     store.update_conversation(&app_a, "conv", &change).await.unwrap();
-    let retry = Message { id: "m-retry".into(), client_message_id: Some("client-1".into()), ..message_in("conv", "u1", "retry", 5_000) };
+    let retry = Message {
+        id: "m-retry".into(),
+        client_message_id: Some("client-1".into()),
+        ..message_in("conv", "u1", "retry", 5_000)
+    };
     let retried = append(store, &app_a, retry, &["u2"]).await;
     assert_eq!((retried.message.id.as_str(), retried.event), ("m1", None));
     append(store, &app_a, Message { id: "m2".into(), ..message_in("conv", "u1", "A second", 5_000) }, &["u2"]).await;
@@ -1277,12 +1308,13 @@ pub async fn no_method_reads_or_changes_another_applications_rows(store: &dyn St
     let after_a = snapshot(app_a.clone()).await;
     assert_eq!(names(&after_a.0), ["A renamed", "A u2"]);
     assert!(after_a.0.iter().all(|user| user.subscriber_administrator));
-    assert_eq!(after_a.1[0].title, "A renamed");
-    assert_eq!(after_a.1[0].member_ids, strings(&["u3"]));
-    assert_eq!(after_a.2.iter().map(|message| (message.text.as_str(), message.deleted)).collect::<Vec<_>>(), [
-        ("A edited", false),
-        ("", true)
-    ]);
+    let a_conversation = after_a.1.iter().find(|conversation| conversation.id == "conv").unwrap();
+    assert_eq!(a_conversation.title, "A renamed");
+    assert_eq!(a_conversation.member_ids, strings(&["u3"]));
+    assert_eq!(
+        after_a.2.iter().map(|message| (message.text.as_str(), message.deleted)).collect::<Vec<_>>(),
+        [("A edited", false), ("", true)]
+    );
     assert_eq!(after_a.3.len(), 5);
     assert_eq!(after_a.4, vec![("conv".to_owned(), 1)]);
     assert_eq!(after_a.5.watch_modes, vec![("u2".to_owned(), false)]);

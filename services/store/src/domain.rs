@@ -111,7 +111,12 @@ impl SqlStore {
         }
     }
 
-    pub(crate) async fn put_temporary_code(&self, subscriber_id: &str, code_hash: &str, expires_at: Micros) -> Result<()> {
+    pub(crate) async fn put_temporary_code(
+        &self,
+        subscriber_id: &str,
+        code_hash: &str,
+        expires_at: Micros,
+    ) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         // Expired codes are useless; dropping them here keeps the table small
         // without a background job.
@@ -130,7 +135,12 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn consume_temporary_code(&self, subscriber_id: &str, code_hash: &str, now: Micros) -> Result<bool> {
+    pub(crate) async fn consume_temporary_code(
+        &self,
+        subscriber_id: &str,
+        code_hash: &str,
+        now: Micros,
+    ) -> Result<bool> {
         // One DELETE is atomic in both engines: of two concurrent consumers
         // only one sees a deleted row.
         let deleted = self
@@ -239,7 +249,10 @@ impl SqlStore {
             )
             .await?;
         if changed == 0 {
-            return Err(Error::new(ErrorCode::ApplicationNotFound, format!("application {} not found", application.id)));
+            return Err(Error::new(
+                ErrorCode::ApplicationNotFound,
+                format!("application {} not found", application.id),
+            ));
         }
         Ok(())
     }
@@ -485,7 +498,11 @@ impl SqlStore {
         fetch_conversation(&mut self.auto(), application_id, conversation_id).await
     }
 
-    pub(crate) async fn get_conversation_by_key(&self, application_id: &str, key: &str) -> Result<Option<Conversation>> {
+    pub(crate) async fn get_conversation_by_key(
+        &self,
+        application_id: &str,
+        key: &str,
+    ) -> Result<Option<Conversation>> {
         let mut sql = conversation_select(application_id);
         sql.push(" AND c.conversation_key = ").push_bind(key);
         Ok(fetch_conversations(&mut self.auto(), application_id, sql).await?.pop())
@@ -671,7 +688,8 @@ impl SqlStore {
             return Err(Error::invalid("conversationId", "access rights apply to context conversations only"));
         }
         for chunk in grant_user_ids.chunks(CHUNK) {
-            let mut sql = SqlBuilder::new("INSERT INTO context_access (application_id, conversation_id, user_id) VALUES ");
+            let mut sql =
+                SqlBuilder::new("INSERT INTO context_access (application_id, conversation_id, user_id) VALUES ");
             push_pair_rows(&mut sql, application_id, conversation_id, chunk);
             sql.push(" ON CONFLICT (application_id, conversation_id, user_id) DO NOTHING");
             tx.execute(&sql.sql, &sql.params).await?;
@@ -829,9 +847,15 @@ impl SqlStore {
                 ],
             )
             .await?;
-        let (stored, event) =
-            finish_message_change(tx.as_mut(), application_id, &message.id, changed, edited_at, EventKind::MessageEdited)
-                .await?;
+        let (stored, event) = finish_message_change(
+            tx.as_mut(),
+            application_id,
+            &message.id,
+            changed,
+            edited_at,
+            EventKind::MessageEdited,
+        )
+        .await?;
         tx.commit().await?;
         Ok((stored, event))
     }
@@ -914,7 +938,12 @@ impl SqlStore {
             .map(|row| {
                 let kind: EventKind = serde_json::from_str(&row.text(2)?)
                     .map_err(|error| Error::internal(format!("stored event payload does not parse: {error}")))?;
-                Ok(ConversationEvent { conversation_id: conversation_id.to_owned(), seq: row.uint(0)?, at: row.int(1)?, kind })
+                Ok(ConversationEvent {
+                    conversation_id: conversation_id.to_owned(),
+                    seq: row.uint(0)?,
+                    at: row.int(1)?,
+                    kind,
+                })
             })
             .collect()
     }
@@ -1214,7 +1243,8 @@ async fn fetch_conversations<E: Executor + ?Sized>(
     let ids: Vec<String> = conversations.iter().map(|conversation| conversation.id.clone()).collect();
     let mut members: HashMap<String, Vec<String>> = HashMap::new();
     for chunk in ids.chunks(CHUNK) {
-        let mut sql = SqlBuilder::new("SELECT conversation_id, user_id FROM conversation_members WHERE application_id = ");
+        let mut sql =
+            SqlBuilder::new("SELECT conversation_id, user_id FROM conversation_members WHERE application_id = ");
         sql.push_bind(application_id).push(" AND conversation_id IN ").push_in_list(chunk);
         for row in ex.query(&sql.sql, &sql.params).await? {
             members.entry(row.text(0)?).or_default().push(row.text(1)?);
@@ -1324,7 +1354,8 @@ async fn finish_message_change<E: Executor + ?Sized>(
         return Err(Error::new(ErrorCode::MessageDeleted, format!("message {message_id} was deleted")));
     }
     let seq = bump_seq(ex, application_id, &stored.conversation_id).await?;
-    let event = ConversationEvent { conversation_id: stored.conversation_id.clone(), seq, at, kind: kind(stored.clone()) };
+    let event =
+        ConversationEvent { conversation_id: stored.conversation_id.clone(), seq, at, kind: kind(stored.clone()) };
     insert_event(ex, application_id, &event).await?;
     tracing::debug!(application_id, message_id, seq, "message changed");
     Ok((stored, event))

@@ -159,7 +159,9 @@ impl From<DbError> for Error {
             DbError::Unique { constraint } => {
                 Error::internal(format!("database unique constraint violated: {constraint}"))
             }
-            DbError::Unavailable(message) => Error::new(ErrorCode::Unavailable, format!("database unavailable: {message}")),
+            DbError::Unavailable(message) => {
+                Error::new(ErrorCode::Unavailable, format!("database unavailable: {message}"))
+            }
             DbError::Other(message) => Error::internal(format!("database error: {message}")),
         }
     }

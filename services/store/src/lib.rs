@@ -140,8 +140,12 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces any pending activation for the same e-mail and application name.
     async fn put_pending_activation(&self, activation: &PendingActivation) -> Result<()>;
     /// Atomically removes and returns the unexpired activation with this code for this e-mail.
-    async fn take_pending_activation(&self, email: &str, code_hash: &str, now: Micros)
-    -> Result<Option<PendingActivation>>;
+    async fn take_pending_activation(
+        &self,
+        email: &str,
+        code_hash: &str,
+        now: Micros,
+    ) -> Result<Option<PendingActivation>>;
 
     async fn insert_application(&self, application: &Application) -> Result<()>;
     async fn get_application(&self, application_id: &str) -> Result<Option<Application>>;
@@ -216,8 +220,12 @@ pub trait Store: Send + Sync + 'static {
     async fn edit_message(&self, application_id: &str, message: &Message) -> Result<(Message, ConversationEvent)>;
     /// Marks the message deleted (content cleared, row kept for the log) and
     /// appends a `MessageDeleted` event.
-    async fn delete_message(&self, application_id: &str, message_id: &str, at: Micros)
-    -> Result<(Message, ConversationEvent)>;
+    async fn delete_message(
+        &self,
+        application_id: &str,
+        message_id: &str,
+        at: Micros,
+    ) -> Result<(Message, ConversationEvent)>;
     async fn get_message(&self, application_id: &str, message_id: &str) -> Result<Option<Message>>;
     async fn list_messages(&self, application_id: &str, query: &MessageQuery) -> Result<Vec<Message>>;
     /// Events with seq > `after_seq`, in seq order, at most `limit`.
@@ -231,8 +239,13 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- notifications
 
-    async fn set_watch_mode(&self, application_id: &str, conversation_id: &str, user_id: &str, watch: bool)
-    -> Result<()>;
+    async fn set_watch_mode(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        user_id: &str,
+        watch: bool,
+    ) -> Result<()>;
     async fn get_watch_mode(&self, application_id: &str, conversation_id: &str, user_id: &str) -> Result<Option<bool>>;
     async fn notification_audience(&self, application_id: &str, conversation_id: &str) -> Result<NotificationAudience>;
     /// `conversation_id = None` sets the user-wide setting; `until = None` clears it.
@@ -251,8 +264,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<DoNotDisturbState>;
     /// Marks the user's notifications in the conversation read up to and
     /// including `up_to_seq`; returns how many stay unread there.
-    async fn mark_read(&self, application_id: &str, conversation_id: &str, user_id: &str, up_to_seq: u64)
-    -> Result<u32>;
+    async fn mark_read(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        user_id: &str,
+        up_to_seq: u64,
+    ) -> Result<u32>;
     /// Unread notifications per conversation (only conversations with some).
     async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>>;
 }

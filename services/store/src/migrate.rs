@@ -41,7 +41,7 @@ pub(crate) fn pending<'a>(applied: &[i64], migrations: &'a [Migration]) -> Resul
 pub(crate) async fn run(engine: &dyn Engine, migrations: &[Migration], lock_sql: Option<&str>) -> Result<()> {
     let mut tx = engine.begin().await?;
     if let Some(lock_sql) = lock_sql {
-        tx.query(lock_sql, &[]).await?;
+        tx.execute_script(lock_sql).await?;
     }
     tx.execute_script(CREATE_TABLE).await?;
     let applied = tx.query(SELECT_APPLIED, &[]).await?;
@@ -65,7 +65,8 @@ mod tests {
 
     #[test]
     fn pending_skips_applied_versions_in_order() {
-        let versions = |applied: &[i64]| pending(applied, SCRIPTS).unwrap().iter().map(|m| m.version).collect::<Vec<_>>();
+        let versions =
+            |applied: &[i64]| pending(applied, SCRIPTS).unwrap().iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(&[]), vec![1, 2]);
         assert_eq!(versions(&[1]), vec![2]);
         assert!(versions(&[1, 2]).is_empty());

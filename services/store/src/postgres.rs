@@ -31,6 +31,7 @@ const MIGRATIONS: &[Migration] =
 /// Serializes migrations of one schema across nodes. Transaction-scoped, so
 /// it is released with the migration's COMMIT (or a crash).
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(1650811201, hashtext(current_schema()))";
+const MIGRATION_LOCK_KEY: i32 = 1_650_811_201;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,7 +57,15 @@ impl PostgresStore {
         check_schema_name(schema)?;
         let mut config = parse_config(url)?;
         let client = connect_one(&config).await?;
-        client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await.map_err(pg_error)?;
+        // Concurrent CREATE SCHEMA IF NOT EXISTS can still collide in the
+        // catalog; the migration's advisory lock (same key) serializes it.
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY}, hashtext('{schema}')); \
+                 CREATE SCHEMA IF NOT EXISTS \"{schema}\"; COMMIT"
+            ))
+            .await
+            .map_err(pg_error)?;
         let options = match config.get_options() {
             Some(existing) if !existing.is_empty() => format!("{existing} -c search_path={schema}"),
             _ => format!("-c search_path={schema}"),
@@ -77,8 +86,7 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -208,7 +216,11 @@ fn convert_row(row: &tokio_postgres::Row) -> DbResult<Row> {
 }
 
 impl ToSql for Value {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self {
             Value::Null => Ok(IsNull::Yes),
             Value::Int(value) if *ty == Type::INT4 => i32::try_from(*value)?.to_sql(ty, out),

@@ -212,8 +212,10 @@ impl SqliteTransaction {
     }
 
     async fn finish(mut self: Box<Self>, statement: &'static str) -> DbResult<()> {
-        self.run(move |connection| connection.execute_batch(statement).map_err(|error| map_error(Some(connection), error)))
-            .await
+        self.run(move |connection| {
+            connection.execute_batch(statement).map_err(|error| map_error(Some(connection), error))
+        })
+        .await
         // A failed COMMIT leaves the transaction open; Drop rolls it back.
     }
 }
