@@ -439,13 +439,13 @@ pub async fn list_users_filters_and_pages_in_both_directions(store: &dyn Store) 
     let same_a = user_named("u-7", "Same");
     let wildcard = user_named("u-9", "100% real_");
     for user in [&anna, &anna_lower, &boris, &boris_cyrillic, &clara, &dmitry, &same_b, &same_a, &wildcard] {
-        store.insert_user(&app, user).await.unwrap();
+        store.insert_user(app, user).await.unwrap();
     }
     let members = conversation_with("conv-users", &["u-1", "u-4", "u-5"], 1);
-    store.insert_conversation(&app, &members).await.unwrap();
+    store.insert_conversation(app, &members).await.unwrap();
 
     let query = |limit| UserQuery { limit, ..UserQuery::default() };
-    let list = |query: UserQuery| async move { store.list_users(&app, &query).await.unwrap() };
+    let list = |query: UserQuery| async move { store.list_users(app, &query).await.unwrap() };
 
     let everyone = list(query(100)).await;
     assert_eq!(names(&everyone), ["100% real_", "Anna", "Boris", "Dmitry", "Same", "Same", "anna", "Борис"]);
@@ -636,14 +636,14 @@ pub async fn list_conversations_filters_and_pages_by_last_activity_in_both_direc
     let f = Conversation { context: context("Document.Order", "1"), ..conversation_with("conv-f", &[], 500) };
     let g = Conversation { context: context("Document.Order", "2"), ..conversation_with("conv-g", &[], 400) };
     for conversation in [&a, &b, &c, &d, &e, &f, &g] {
-        store.insert_conversation(&app, conversation).await.unwrap();
+        store.insert_conversation(app, conversation).await.unwrap();
     }
-    store.set_context_access(&app, "conv-f", &strings(&["me"]), &[], None).await.unwrap();
+    store.set_context_access(app, "conv-f", &strings(&["me"]), &[], None).await.unwrap();
     // A message moves conv-a's last activity to 6000.
-    append(store, &app, message_in("conv-a", "me", "hi", 6_000), &[]).await;
+    append(store, app, message_in("conv-a", "me", "hi", 6_000), &[]).await;
 
     let base = ConversationQuery { limit: 100, has_context: Some(false), ..Default::default() };
-    let list = |query: ConversationQuery| async move { store.list_conversations(&app, &query).await.unwrap() };
+    let list = |query: ConversationQuery| async move { store.list_conversations(app, &query).await.unwrap() };
 
     let ascending = list(base.clone()).await;
     assert_eq!(conversation_ids(&ascending), ["conv-b", "conv-c", "conv-d", "conv-e", "conv-a"]);
@@ -725,38 +725,35 @@ pub async fn conversation_list_puts_unread_first_and_pads_to_the_requested_size(
     let app = tenant(store).await;
     let app = app.as_str();
     for (id, created_at) in [("cl-1", 1_000), ("cl-2", 2_000), ("cl-3", 3_000), ("cl-4", 4_000)] {
-        store.insert_conversation(&app, &conversation_with(id, &["me", "peer"], created_at)).await.unwrap();
+        store.insert_conversation(app, &conversation_with(id, &["me", "peer"], created_at)).await.unwrap();
     }
     let everyone = Conversation { all_application_users: true, ..conversation_with("cl-5", &[], 5_000) };
-    store.insert_conversation(&app, &everyone).await.unwrap();
+    store.insert_conversation(app, &everyone).await.unwrap();
     let contextual = Conversation { context: context("Task", "1"), ..conversation_with("cl-ctx", &["me"], 6_000) };
-    store.insert_conversation(&app, &contextual).await.unwrap();
-    store.insert_conversation(&app, &conversation_with("cl-other", &["peer"], 7_000)).await.unwrap();
+    store.insert_conversation(app, &contextual).await.unwrap();
+    store.insert_conversation(app, &conversation_with("cl-other", &["peer"], 7_000)).await.unwrap();
 
-    append(store, &app, message_in("cl-1", "peer", "one", 1_500), &["me"]).await;
-    append(store, &app, message_in("cl-3", "peer", "three", 3_500), &["me"]).await;
-    append(store, &app, message_in("cl-ctx", "peer", "context", 6_500), &["me"]).await;
-    append(store, &app, message_in("cl-other", "peer", "other", 7_500), &["peer"]).await;
+    append(store, app, message_in("cl-1", "peer", "one", 1_500), &["me"]).await;
+    append(store, app, message_in("cl-3", "peer", "three", 3_500), &["me"]).await;
+    append(store, app, message_in("cl-ctx", "peer", "context", 6_500), &["me"]).await;
+    append(store, app, message_in("cl-other", "peer", "other", 7_500), &["peer"]).await;
     // cl-4 had activity but nothing unread for me.
-    append(store, &app, message_in("cl-4", "me", "mine", 4_500), &["peer"]).await;
+    append(store, app, message_in("cl-4", "me", "mine", 4_500), &["peer"]).await;
 
     let list =
-        |pad_to| async move { conversation_ids(&store.conversation_list(&app, "me", pad_to).await.unwrap()).join(",") };
+        |pad_to| async move { conversation_ids(&store.conversation_list(app, "me", pad_to).await.unwrap()).join(",") };
     assert_eq!(list(10).await, "cl-3,cl-1,cl-5,cl-4,cl-2");
     assert_eq!(list(4).await, "cl-3,cl-1,cl-5,cl-4");
     assert_eq!(list(1).await, "cl-3,cl-1");
     assert_eq!(list(0).await, "cl-3,cl-1");
 
-    store.mark_read(&app, "cl-3", "me", 1).await.unwrap();
+    store.mark_read(app, "cl-3", "me", 1).await.unwrap();
     assert_eq!(list(10).await, "cl-1,cl-5,cl-4,cl-3,cl-2");
-    let full = store.conversation_list(&app, "me", 10).await.unwrap();
+    let full = store.conversation_list(app, "me", 10).await.unwrap();
     assert_eq!(full[0].member_ids, strings(&["me", "peer"]));
     assert_eq!(full[0].last_message_at, Some(1_500));
 
-    assert_eq!(
-        conversation_ids(&store.conversation_list(&app, "peer", 3).await.unwrap()),
-        ["cl-other", "cl-4", "cl-5"]
-    );
+    assert_eq!(conversation_ids(&store.conversation_list(app, "peer", 3).await.unwrap()), ["cl-other", "cl-4", "cl-5"]);
 }
 
 /// Context access: per-user grants and revocations plus the all-users flag.
@@ -764,30 +761,30 @@ pub async fn context_access_is_granted_revoked_and_opened_to_all_users(store: &d
     let app = tenant(store).await;
     let app = app.as_str();
     let contextual = Conversation { context: context("Project", "p-1"), ..conversation_with("ctx", &[], 1_000) };
-    store.insert_conversation(&app, &contextual).await.unwrap();
-    store.insert_conversation(&app, &conversation_with("plain", &["u1"], 1_000)).await.unwrap();
-    let access = |user: &'static str| async move { store.has_context_access(&app, "ctx", user).await.unwrap() };
+    store.insert_conversation(app, &contextual).await.unwrap();
+    store.insert_conversation(app, &conversation_with("plain", &["u1"], 1_000)).await.unwrap();
+    let access = |user: &'static str| async move { store.has_context_access(app, "ctx", user).await.unwrap() };
 
     assert!(!access("u1").await);
-    store.set_context_access(&app, "ctx", &strings(&["u1", "u2"]), &[], None).await.unwrap();
+    store.set_context_access(app, "ctx", &strings(&["u1", "u2"]), &[], None).await.unwrap();
     assert!(access("u1").await && access("u2").await && !access("u3").await);
     // Granting twice is harmless; revoking wins over granting in one call.
-    store.set_context_access(&app, "ctx", &strings(&["u1", "u3"]), &strings(&["u2", "u3"]), None).await.unwrap();
+    store.set_context_access(app, "ctx", &strings(&["u1", "u3"]), &strings(&["u2", "u3"]), None).await.unwrap();
     assert!(access("u1").await && !access("u2").await && !access("u3").await);
 
-    store.set_context_access(&app, "ctx", &[], &[], Some(true)).await.unwrap();
+    store.set_context_access(app, "ctx", &[], &[], Some(true)).await.unwrap();
     assert!(access("u3").await);
-    assert!(store.get_conversation(&app, "ctx").await.unwrap().unwrap().all_application_users);
+    assert!(store.get_conversation(app, "ctx").await.unwrap().unwrap().all_application_users);
     let accessible = ConversationQuery { limit: 10, accessible_to: Some("u3".into()), ..Default::default() };
-    assert_eq!(conversation_ids(&store.list_conversations(&app, &accessible).await.unwrap()), ["ctx"]);
-    store.set_context_access(&app, "ctx", &[], &[], Some(false)).await.unwrap();
+    assert_eq!(conversation_ids(&store.list_conversations(app, &accessible).await.unwrap()), ["ctx"]);
+    store.set_context_access(app, "ctx", &[], &[], Some(false)).await.unwrap();
     assert!(!access("u3").await && access("u1").await);
-    assert!(store.list_conversations(&app, &accessible).await.unwrap().is_empty());
+    assert!(store.list_conversations(app, &accessible).await.unwrap().is_empty());
 
-    assert!(!store.has_context_access(&app, "no-such-conversation", "u1").await.unwrap());
-    let missing = store.set_context_access(&app, "no-such-conversation", &strings(&["u1"]), &[], None).await;
+    assert!(!store.has_context_access(app, "no-such-conversation", "u1").await.unwrap());
+    let missing = store.set_context_access(app, "no-such-conversation", &strings(&["u1"]), &[], None).await;
     assert_eq!(error_code(missing), ErrorCode::ConversationNotFound);
-    let not_contextual = store.set_context_access(&app, "plain", &strings(&["u1"]), &[], None).await;
+    let not_contextual = store.set_context_access(app, "plain", &strings(&["u1"]), &[], None).await;
     assert_eq!(error_code(not_contextual), ErrorCode::InvalidValue);
 }
 
@@ -1042,21 +1039,21 @@ pub async fn events_after_returns_events_in_seq_order_up_to_the_limit(store: &dy
 pub async fn list_messages_filters_and_pages_by_seq(store: &dyn Store) {
     let app = tenant(store).await;
     let app = app.as_str();
-    store.insert_conversation(&app, &conversation_with("conv-1", &["a", "b"], 1_000)).await.unwrap();
-    store.insert_conversation(&app, &conversation_with("conv-2", &["a", "b"], 1_000)).await.unwrap();
+    store.insert_conversation(app, &conversation_with("conv-1", &["a", "b"], 1_000)).await.unwrap();
+    store.insert_conversation(app, &conversation_with("conv-2", &["a", "b"], 1_000)).await.unwrap();
     let texts = ["Hello World", "Привет МИР", "50% off", "plain_text", "hello again", "last"];
     let mut ids = Vec::new();
     for (index, text) in texts.iter().enumerate() {
         let author = if index % 2 == 0 { "a" } else { "b" };
         let offset = i64::try_from(index).unwrap() * 100;
-        let message = append(store, &app, message_in("conv-1", author, text, 100 + offset), &[]).await.message;
+        let message = append(store, app, message_in("conv-1", author, text, 100 + offset), &[]).await.message;
         ids.push(message.id);
     }
-    append(store, &app, message_in("conv-2", "a", "Hello from elsewhere", 150), &[]).await;
-    store.delete_message(&app, &ids[5], 1_000).await.unwrap();
+    append(store, app, message_in("conv-2", "a", "Hello from elsewhere", 150), &[]).await;
+    store.delete_message(app, &ids[5], 1_000).await.unwrap();
 
     let base = MessageQuery { limit: 100, conversation_id: "conv-1".into(), ..Default::default() };
-    let list = |query: MessageQuery| async move { seqs(&store.list_messages(&app, &query).await.unwrap()) };
+    let list = |query: MessageQuery| async move { seqs(&store.list_messages(app, &query).await.unwrap()) };
 
     assert_eq!(list(base.clone()).await, vec![1, 2, 3, 4, 5]);
     assert_eq!(list(MessageQuery { include_deleted: true, ..base.clone() }).await, vec![1, 2, 3, 4, 5, 6]);
@@ -1085,7 +1082,7 @@ pub async fn list_messages_filters_and_pages_by_seq(store: &dyn Store) {
     assert_eq!(list(page(Descending, Some(1))).await, vec![1]);
     assert_eq!(list(MessageQuery { after: Some("no-such-message".into()), ..base.clone() }).await, Vec::<u64>::new());
 
-    let stored = store.list_messages(&app, &MessageQuery { limit: 1, ..base }).await.unwrap();
+    let stored = store.list_messages(app, &MessageQuery { limit: 1, ..base }).await.unwrap();
     assert_eq!(stored[0].text, "Hello World");
     assert_eq!(stored[0].date, 100);
 }
@@ -1126,25 +1123,25 @@ pub async fn do_not_disturb_is_user_wide_or_per_conversation(store: &dyn Store) 
     let app = tenant(store).await;
     let app = app.as_str();
     let get = |conversation: Option<&'static str>| async move {
-        store.get_do_not_disturb(&app, "u1", conversation).await.unwrap()
+        store.get_do_not_disturb(app, "u1", conversation).await.unwrap()
     };
     assert_eq!(get(Some("conv-1")).await, DoNotDisturbState::default());
 
-    store.set_do_not_disturb(&app, "u1", None, Some(10_000)).await.unwrap();
-    store.set_do_not_disturb(&app, "u1", Some("conv-1"), Some(20_000)).await.unwrap();
-    store.set_do_not_disturb(&app, "u2", None, Some(30_000)).await.unwrap();
+    store.set_do_not_disturb(app, "u1", None, Some(10_000)).await.unwrap();
+    store.set_do_not_disturb(app, "u1", Some("conv-1"), Some(20_000)).await.unwrap();
+    store.set_do_not_disturb(app, "u2", None, Some(30_000)).await.unwrap();
     let both = DoNotDisturbState { user_until: Some(10_000), conversation_until: Some(20_000) };
     assert_eq!(get(Some("conv-1")).await, both);
     assert_eq!(get(Some("conv-2")).await, DoNotDisturbState { user_until: Some(10_000), conversation_until: None });
     assert_eq!(get(None).await, DoNotDisturbState { user_until: Some(10_000), conversation_until: None });
 
-    store.set_do_not_disturb(&app, "u1", Some("conv-1"), Some(25_000)).await.unwrap();
-    store.set_do_not_disturb(&app, "u1", None, None).await.unwrap();
+    store.set_do_not_disturb(app, "u1", Some("conv-1"), Some(25_000)).await.unwrap();
+    store.set_do_not_disturb(app, "u1", None, None).await.unwrap();
     assert_eq!(get(Some("conv-1")).await, DoNotDisturbState { user_until: None, conversation_until: Some(25_000) });
-    store.set_do_not_disturb(&app, "u1", Some("conv-1"), None).await.unwrap();
+    store.set_do_not_disturb(app, "u1", Some("conv-1"), None).await.unwrap();
     assert_eq!(get(Some("conv-1")).await, DoNotDisturbState::default());
     assert_eq!(
-        store.get_do_not_disturb(&app, "u2", Some("conv-1")).await.unwrap(),
+        store.get_do_not_disturb(app, "u2", Some("conv-1")).await.unwrap(),
         DoNotDisturbState { user_until: Some(30_000), conversation_until: None }
     );
 }
