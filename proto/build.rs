@@ -21,8 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .compile_fds(descriptors)?;
 
-    pbjson_build::Builder::new()
-        .register_descriptors(&std::fs::read(&descriptor_path)?)?
-        .build(&[".beseda"])?;
+    pbjson_build::Builder::new().register_descriptors(&std::fs::read(&descriptor_path)?)?.build(&[".beseda"])?;
     Ok(())
 }

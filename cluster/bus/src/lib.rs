@@ -35,7 +35,9 @@ impl Topic {
     /// A stable channel name (also used as the Redis channel later).
     pub fn channel_name(&self) -> String {
         match self {
-            Topic::Conversation { application_id, conversation_id } => format!("beseda.{application_id}.c.{conversation_id}"),
+            Topic::Conversation { application_id, conversation_id } => {
+                format!("beseda.{application_id}.c.{conversation_id}")
+            }
             Topic::User { application_id, user_id } => format!("beseda.{application_id}.u.{user_id}"),
             Topic::Presence { application_id, user_id } => format!("beseda.{application_id}.p.{user_id}"),
         }
@@ -111,11 +113,8 @@ impl Bus for InProcessBus {
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscription {
-        let receiver = self
-            .topics
-            .entry(topic.clone())
-            .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
-            .subscribe();
+        let receiver =
+            self.topics.entry(topic.clone()).or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0).subscribe();
         Subscription { receiver }
     }
 }

@@ -61,22 +61,14 @@ pub fn normalize_email(email: &str) -> Result<String> {
 /// properties — pictures included (§29.4.4.3). Disallowed markup is removed,
 /// not escaped, so it never shows up as visible junk.
 pub fn sanitize_formatted_text(html: &str) -> String {
-    let tags: std::collections::HashSet<&str> = [
-        "a", "b", "big", "br", "font", "i", "li", "ol", "p", "s", "small", "span", "strike", "strong", "u", "ul",
-    ]
-    .into_iter()
-    .collect();
-    let styles: std::collections::HashSet<&str> = [
-        "background-color",
-        "color",
-        "font-family",
-        "font-size",
-        "font-style",
-        "font-weight",
-        "text-decoration",
-    ]
-    .into_iter()
-    .collect();
+    let tags: std::collections::HashSet<&str> =
+        ["a", "b", "big", "br", "font", "i", "li", "ol", "p", "s", "small", "span", "strike", "strong", "u", "ul"]
+            .into_iter()
+            .collect();
+    let styles: std::collections::HashSet<&str> =
+        ["background-color", "color", "font-family", "font-size", "font-style", "font-weight", "text-decoration"]
+            .into_iter()
+            .collect();
     ammonia::Builder::default()
         .tags(tags)
         .add_generic_attributes(["style"])
@@ -177,7 +169,10 @@ fn single_button(button: &Button, author_is_bot: bool) -> Result<()> {
         }
         _ => {}
     }
-    if button.kind == ButtonKind::Hyperlink && button.action == ButtonAction::SendMessageWithData && button.data.is_empty() {
+    if button.kind == ButtonKind::Hyperlink
+        && button.action == ButtonAction::SendMessageWithData
+        && button.data.is_empty()
+    {
         return Err(invalid("SendMessageWithData needs data"));
     }
     Ok(())

@@ -47,20 +47,29 @@ fn token_invalid(message: impl Into<String>) -> Error {
 
 /// Reads `iss` without verifying, only to pick the key that must verify it.
 fn unverified_issuer(token: &str) -> Result<String> {
-    let payload = token.split('.').nth(1).ok_or_else(|| token_invalid("the user token is not a JWT (header.payload.signature)"))?;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| token_invalid("the user token is not a JWT (header.payload.signature)"))?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| token_invalid("the user token's payload is not base64url"))?;
     let claims: IssuerOnly =
         serde_json::from_slice(&bytes).map_err(|_| token_invalid("the user token's payload is not a JSON object"))?;
-    claims.iss.filter(|iss| !iss.is_empty()).ok_or_else(|| token_invalid("the user token has no `iss` (application id)"))
+    claims
+        .iss
+        .filter(|iss| !iss.is_empty())
+        .ok_or_else(|| token_invalid("the user token has no `iss` (application id)"))
 }
 
 impl RoutingService {
     /// Loads an application that may be used for messaging.
     pub(crate) async fn registered_application(&self, application_id: &str) -> Result<Application> {
         let application = self.store.get_application(application_id).await?.ok_or_else(|| {
-            Error::new(ErrorCode::ApplicationNotRegistered, format!("application `{application_id}` is not registered on this server"))
+            Error::new(
+                ErrorCode::ApplicationNotRegistered,
+                format!("application `{application_id}` is not registered on this server"),
+            )
         })?;
         match application.state {
             ApplicationState::Registered => Ok(application),
@@ -85,7 +94,10 @@ impl RoutingService {
         let application = self.registered_application(application_id).await?;
         let expected = application.key.as_deref().unwrap_or_default();
         if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(application_key.as_bytes())) {
-            return Err(Error::new(ErrorCode::Unauthenticated, "the application key does not match; use the key issued at the latest registration"));
+            return Err(Error::new(
+                ErrorCode::Unauthenticated,
+                "the application key does not match; use the key issued at the latest registration",
+            ));
         }
         let user = match act_as_user_id {
             Some(user_id) => {
@@ -118,19 +130,22 @@ impl RoutingService {
         validation.set_issuer(&[application_id.as_str()]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = 30;
-        let claims = jsonwebtoken::decode::<UserTokenClaims>(token, &DecodingKey::from_secret(key.as_bytes()), &validation)
-            .map_err(|error| match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    Error::new(ErrorCode::TokenExpired, "the user token has expired")
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                    token_invalid("the user token's signature does not verify with the application's key")
-                }
-                _ => token_invalid(format!("the user token is invalid: {error}")),
-            })?
-            .claims;
+        let claims =
+            jsonwebtoken::decode::<UserTokenClaims>(token, &DecodingKey::from_secret(key.as_bytes()), &validation)
+                .map_err(|error| match error.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                        Error::new(ErrorCode::TokenExpired, "the user token has expired")
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                        token_invalid("the user token's signature does not verify with the application's key")
+                    }
+                    _ => token_invalid(format!("the user token is invalid: {error}")),
+                })?
+                .claims;
         if claims.exp - claims.iat > MAX_USER_TOKEN_LIFETIME_SECONDS {
-            return Err(token_invalid("the user token lives longer than 24 hours (exp - iat); issue short-lived tokens"));
+            return Err(token_invalid(
+                "the user token lives longer than 24 hours (exp - iat); issue short-lived tokens",
+            ));
         }
         if claims.sub.trim().is_empty() {
             return Err(token_invalid("the user token's `sub` (infobase user id) is empty"));
@@ -142,7 +157,10 @@ impl RoutingService {
         rules::bounded_text("fullName", &claims.full_name, beseda_core::limits::MAX_NAME_CHARS)?;
         let user = self.refresh_or_create_regular_user(&application.id, &claims).await?;
         if user.blocked {
-            return Err(Error::new(ErrorCode::UserBlocked, format!("user `{}` is blocked and cannot connect", user.name)));
+            return Err(Error::new(
+                ErrorCode::UserBlocked,
+                format!("user `{}` is blocked and cannot connect", user.name),
+            ));
         }
         let caller = Caller { application_id: application.id, user_id: Some(user.id.clone()), privileged: false };
         Ok((caller, user))

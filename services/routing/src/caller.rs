@@ -34,7 +34,10 @@ impl Caller {
         if self.privileged {
             return Ok(());
         }
-        Err(Error::new(ErrorCode::PrivilegedModeRequired, format!("{what} needs privileged mode (application credentials)")))
+        Err(Error::new(
+            ErrorCode::PrivilegedModeRequired,
+            format!("{what} needs privileged mode (application credentials)"),
+        ))
     }
 
     pub fn to_wire(&self) -> WireCaller {
@@ -69,9 +72,11 @@ impl Caller {
             .metadata()
             .get_bin(CALLER_KEY)
             .ok_or_else(|| Error::new(ErrorCode::Unauthenticated, "no credentials were presented"))?;
-        let bytes = value.to_bytes().map_err(|_| Error::new(ErrorCode::Unauthenticated, "caller metadata is not valid base64"))?;
-        let wire =
-            WireCaller::decode(bytes.as_ref()).map_err(|_| Error::new(ErrorCode::Unauthenticated, "caller metadata does not decode"))?;
+        let bytes = value
+            .to_bytes()
+            .map_err(|_| Error::new(ErrorCode::Unauthenticated, "caller metadata is not valid base64"))?;
+        let wire = WireCaller::decode(bytes.as_ref())
+            .map_err(|_| Error::new(ErrorCode::Unauthenticated, "caller metadata does not decode"))?;
         Caller::from_wire(wire)
     }
 }

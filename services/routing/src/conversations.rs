@@ -22,9 +22,14 @@ pub enum ConversationSelector {
 impl ConversationSelector {
     pub fn from_wire(reference: Option<&wire::ConversationRef>) -> Result<Self> {
         match reference.and_then(|reference| reference.by.as_ref()) {
-            Some(wire::conversation_ref::By::Id(id)) if !id.trim().is_empty() => Ok(ConversationSelector::Id(id.clone())),
-            Some(wire::conversation_ref::By::Key(key)) if !key.trim().is_empty() => Ok(ConversationSelector::Key(key.clone())),
-            _ => Err(Error::new(ErrorCode::FieldRequired, "name the conversation by `id` or by `key`").with_field("conversation")),
+            Some(wire::conversation_ref::By::Id(id)) if !id.trim().is_empty() => {
+                Ok(ConversationSelector::Id(id.clone()))
+            }
+            Some(wire::conversation_ref::By::Key(key)) if !key.trim().is_empty() => {
+                Ok(ConversationSelector::Key(key.clone()))
+            }
+            _ => Err(Error::new(ErrorCode::FieldRequired, "name the conversation by `id` or by `key`")
+                .with_field("conversation")),
         }
     }
 }
@@ -43,22 +48,32 @@ pub struct NewConversation {
 }
 
 impl RoutingService {
-    pub(crate) async fn find_conversation(&self, caller: &Caller, selector: &ConversationSelector) -> Result<Conversation> {
+    pub(crate) async fn find_conversation(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+    ) -> Result<Conversation> {
         let found = match selector {
             ConversationSelector::Id(id) => self.store.get_conversation(&caller.application_id, id).await?,
             ConversationSelector::Key(key) => self.store.get_conversation_by_key(&caller.application_id, key).await?,
         };
         found.ok_or_else(|| match selector {
             ConversationSelector::Id(id) => crate::not_found(ErrorCode::ConversationNotFound, "conversation", id),
-            ConversationSelector::Key(key) => {
-                Error::new(ErrorCode::ConversationNotFound, format!("no conversation has the key `{key}` in this application"))
-            }
+            ConversationSelector::Key(key) => Error::new(
+                ErrorCode::ConversationNotFound,
+                format!("no conversation has the key `{key}` in this application"),
+            ),
         })
     }
 
     /// Whether `user` may read and post: a member, everyone's conversation,
     /// or a context conversation the application granted access to.
-    pub(crate) async fn can_access(&self, application_id: &str, conversation: &Conversation, user: &User) -> Result<bool> {
+    pub(crate) async fn can_access(
+        &self,
+        application_id: &str,
+        conversation: &Conversation,
+        user: &User,
+    ) -> Result<bool> {
         if conversation.context.is_some() && user.kind == UserKind::External {
             return Ok(false);
         }
@@ -76,7 +91,11 @@ impl RoutingService {
 
     /// Loads a conversation the caller may access (privileged mode without a
     /// user may access every conversation of its application).
-    pub(crate) async fn accessible_conversation_by(&self, caller: &Caller, selector: &ConversationSelector) -> Result<Conversation> {
+    pub(crate) async fn accessible_conversation_by(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+    ) -> Result<Conversation> {
         let conversation = self.find_conversation(caller, selector).await?;
         let Some(user) = self.optional_acting_user(caller).await? else {
             return Ok(conversation);
@@ -86,7 +105,10 @@ impl RoutingService {
         }
         Err(Error::new(
             ErrorCode::NotAMember,
-            format!("user `{}` is not a member of conversation `{}` and has no access to it", user.name, conversation.id),
+            format!(
+                "user `{}` is not a member of conversation `{}` and has no access to it",
+                user.name, conversation.id
+            ),
         ))
     }
 
@@ -102,8 +124,11 @@ impl RoutingService {
                 return Err(crate::not_found(ErrorCode::UserNotFound, "user", member_id).with_field(field));
             };
             if user.blocked {
-                return Err(Error::new(ErrorCode::RecipientBlocked, format!("user `{}` is blocked and cannot be added", user.name))
-                    .with_field(field));
+                return Err(Error::new(
+                    ErrorCode::RecipientBlocked,
+                    format!("user `{}` is blocked and cannot be added", user.name),
+                )
+                .with_field(field));
             }
         }
         Ok(users)
@@ -118,7 +143,10 @@ impl RoutingService {
                     return Err(Error::new(ErrorCode::UserKindRestricted, "guest users cannot create conversations"));
                 }
                 UserKind::External if request.context.is_some() => {
-                    return Err(Error::new(ErrorCode::UserKindRestricted, "external users work in non-context conversations only"));
+                    return Err(Error::new(
+                        ErrorCode::UserKindRestricted,
+                        "external users work in non-context conversations only",
+                    ));
                 }
                 _ => {}
             }
@@ -138,11 +166,16 @@ impl RoutingService {
         let one_on_one = !is_context && !request.group;
         if one_on_one {
             if !request.title.trim().is_empty() {
-                return Err(Error::new(ErrorCode::OneOnOneRules, "a one-on-one conversation has no title").with_field("title"));
+                return Err(
+                    Error::new(ErrorCode::OneOnOneRules, "a one-on-one conversation has no title").with_field("title")
+                );
             }
             if request.all_application_users {
-                return Err(Error::new(ErrorCode::OneOnOneRules, "a one-on-one conversation cannot be for all application users")
-                    .with_field("allApplicationUsers"));
+                return Err(Error::new(
+                    ErrorCode::OneOnOneRules,
+                    "a one-on-one conversation cannot be for all application users",
+                )
+                .with_field("allApplicationUsers"));
             }
             if member_ids.len() != 2 {
                 return Err(Error::new(
@@ -162,8 +195,11 @@ impl RoutingService {
         let member_ids: Vec<String> = member_ids.into_iter().collect();
         let members = self.members_for_change(caller, &member_ids, "memberIds").await?;
         if one_on_one && members.iter().any(|member| member.kind == UserKind::Integration) {
-            return Err(Error::new(ErrorCode::UserKindRestricted, "integration users have no one-on-one conversations")
-                .with_field("memberIds"));
+            return Err(Error::new(
+                ErrorCode::UserKindRestricted,
+                "integration users have no one-on-one conversations",
+            )
+            .with_field("memberIds"));
         }
         if is_context && members.iter().any(|member| member.kind == UserKind::External) {
             return Err(Error::new(ErrorCode::UserKindRestricted, "external users cannot join context conversations")
@@ -198,14 +234,21 @@ impl RoutingService {
         Ok(conversation)
     }
 
-    pub async fn get_conversation_by_context(&self, caller: &Caller, object_type: &str, object_id: &str) -> Result<Conversation> {
-        let conversation = self
-            .store
-            .get_conversation_by_context(&caller.application_id, object_type, object_id)
-            .await?
-            .ok_or_else(|| {
-                Error::new(ErrorCode::ConversationNotFound, format!("no conversation belongs to {object_type} `{object_id}`"))
-            })?;
+    pub async fn get_conversation_by_context(
+        &self,
+        caller: &Caller,
+        object_type: &str,
+        object_id: &str,
+    ) -> Result<Conversation> {
+        let conversation =
+            self.store.get_conversation_by_context(&caller.application_id, object_type, object_id).await?.ok_or_else(
+                || {
+                    Error::new(
+                        ErrorCode::ConversationNotFound,
+                        format!("no conversation belongs to {object_type} `{object_id}`"),
+                    )
+                },
+            )?;
         self.accessible_conversation(caller, &conversation.id).await
     }
 
@@ -224,12 +267,18 @@ impl RoutingService {
         if conversation.is_one_on_one()
             && (change.title.is_some() || !change.add_member_ids.is_empty() || !change.remove_member_ids.is_empty())
         {
-            return Err(Error::new(ErrorCode::OneOnOneRules, "a one-on-one conversation cannot be renamed or change members"));
+            return Err(Error::new(
+                ErrorCode::OneOnOneRules,
+                "a one-on-one conversation cannot be renamed or change members",
+            ));
         }
         if let Some(acting) = &acting
             && matches!(acting.kind, UserKind::External | UserKind::Guest)
         {
-            return Err(Error::new(ErrorCode::UserKindRestricted, "external and guest users can only leave a conversation"));
+            return Err(Error::new(
+                ErrorCode::UserKindRestricted,
+                "external and guest users can only leave a conversation",
+            ));
         }
         if !change.remove_member_ids.is_empty() {
             caller.require_privileged("removing other members")?;
@@ -256,7 +305,8 @@ impl RoutingService {
             return Err(Error::new(ErrorCode::UserKindRestricted, "external users cannot join context conversations")
                 .with_field("addMemberIds"));
         }
-        let removed = change.remove_member_ids.iter().filter(|id| conversation.member_ids.binary_search(id).is_ok()).count();
+        let removed =
+            change.remove_member_ids.iter().filter(|id| conversation.member_ids.binary_search(id).is_ok()).count();
         let resulting = conversation.member_ids.len() + added.len() - removed;
         if resulting > MAX_MEMBERS {
             return Err(Error::new(
@@ -301,7 +351,10 @@ impl RoutingService {
             return Err(Error::new(ErrorCode::OneOnOneRules, "a one-on-one conversation cannot be left"));
         }
         if conversation.member_ids.binary_search(&acting.id).is_err() {
-            return Err(Error::new(ErrorCode::NotAMember, format!("user `{}` is not a member of this conversation", acting.name)));
+            return Err(Error::new(
+                ErrorCode::NotAMember,
+                format!("user `{}` is not a member of this conversation", acting.name),
+            ));
         }
         let change = ConversationChange { remove_member_ids: vec![acting.id.clone()], ..Default::default() };
         self.apply_conversation_change(caller, &conversation, change).await?;
@@ -357,11 +410,20 @@ impl RoutingService {
         caller.require_privileged("SetContextAccess")?;
         let conversation = self.find_conversation(caller, selector).await?;
         if conversation.context.is_none() {
-            return Err(Error::invalid("conversation", "access grants apply to context conversations; use members otherwise"));
+            return Err(Error::invalid(
+                "conversation",
+                "access grants apply to context conversations; use members otherwise",
+            ));
         }
         self.members_for_change(caller, grant_user_ids, "grantUserIds").await?;
         self.store
-            .set_context_access(&caller.application_id, &conversation.id, grant_user_ids, revoke_user_ids, all_application_users)
+            .set_context_access(
+                &caller.application_id,
+                &conversation.id,
+                grant_user_ids,
+                revoke_user_ids,
+                all_application_users,
+            )
             .await
     }
 

@@ -133,7 +133,9 @@ fn button_from_wire(button: &wire::Button) -> Result<domain::Button> {
     };
     let action = match wire::ButtonAction::try_from(button.action) {
         Ok(wire::ButtonAction::Unspecified) => {
-            return Err(Error::new(beseda_core::ErrorCode::InvalidButton, "a button needs an action").with_field("action"));
+            return Err(
+                Error::new(beseda_core::ErrorCode::InvalidButton, "a button needs an action").with_field("action")
+            );
         }
         Ok(wire::ButtonAction::RequestLocation) => domain::ButtonAction::RequestLocation,
         Ok(wire::ButtonAction::RequestPhone) => domain::ButtonAction::RequestPhone,
@@ -218,7 +220,11 @@ pub fn message_to_wire(message: &domain::Message) -> wire::Message {
             .map(|data| wire::MessageData { mime_type: data.mime_type.clone(), content: data.content.clone() }),
         recipient_ids: message.recipient_ids.clone(),
         buttons: message.buttons.as_ref().map(|panel| wire::ButtonPanel {
-            rows: panel.rows.iter().map(|row| wire::ButtonRow { buttons: row.iter().map(button_to_wire).collect() }).collect(),
+            rows: panel
+                .rows
+                .iter()
+                .map(|row| wire::ButtonRow { buttons: row.iter().map(button_to_wire).collect() })
+                .collect(),
         }),
         client_message_id: message.client_message_id.clone().unwrap_or_default(),
         edited_at: optional_timestamp(message.edited_at),

@@ -80,17 +80,27 @@ fn optional_selector(reference: Option<&wire::ConversationRef>) -> Result<Option
 }
 
 impl RoutingService {
-    async fn conversations_to_wire(&self, caller: &Caller, conversations: Vec<beseda_core::model::Conversation>) -> Result<wire::ConversationList> {
+    async fn conversations_to_wire(
+        &self,
+        caller: &Caller,
+        conversations: Vec<beseda_core::model::Conversation>,
+    ) -> Result<wire::ConversationList> {
         let unread = self.unread_by_conversation(caller).await?;
         Ok(wire::ConversationList {
             conversations: conversations
                 .iter()
-                .map(|conversation| convert::conversation_to_wire(conversation, unread.get(&conversation.id).copied().unwrap_or(0)))
+                .map(|conversation| {
+                    convert::conversation_to_wire(conversation, unread.get(&conversation.id).copied().unwrap_or(0))
+                })
                 .collect(),
         })
     }
 
-    async fn conversation_to_wire(&self, caller: &Caller, conversation: beseda_core::model::Conversation) -> Result<wire::Conversation> {
+    async fn conversation_to_wire(
+        &self,
+        caller: &Caller,
+        conversation: beseda_core::model::Conversation,
+    ) -> Result<wire::Conversation> {
         let mut list = self.conversations_to_wire(caller, vec![conversation]).await?;
         list.conversations.pop().ok_or_else(|| Error::internal("conversation conversion lost its item"))
     }
@@ -137,7 +147,10 @@ impl Routing for RoutingService {
         }))
     }
 
-    async fn request_registration(&self, request: Request<wire::RequestRegistrationRequest>) -> Reply<wire::RequestRegistrationResponse> {
+    async fn request_registration(
+        &self,
+        request: Request<wire::RequestRegistrationRequest>,
+    ) -> Reply<wire::RequestRegistrationResponse> {
         let request = request.into_inner();
         let registration = RegistrationRequest {
             email: non_empty(&request.email),
@@ -148,7 +161,10 @@ impl Routing for RoutingService {
         answer(self.request_registration(&registration).await.map(|email| wire::RequestRegistrationResponse { email }))
     }
 
-    async fn complete_registration(&self, request: Request<wire::CompleteRegistrationRequest>) -> Reply<wire::RegistrationData> {
+    async fn complete_registration(
+        &self,
+        request: Request<wire::CompleteRegistrationRequest>,
+    ) -> Reply<wire::RegistrationData> {
         let request = request.into_inner();
         let registration = RegistrationRequest {
             email: non_empty(&request.email),
@@ -169,7 +185,10 @@ impl Routing for RoutingService {
         answer(self.registration_data(&caller).await.map(registration_data_to_wire))
     }
 
-    async fn set_registration_data(&self, request: Request<wire::SetRegistrationDataRequest>) -> Reply<wire::SetRegistrationDataResponse> {
+    async fn set_registration_data(
+        &self,
+        request: Request<wire::SetRegistrationDataRequest>,
+    ) -> Reply<wire::SetRegistrationDataResponse> {
         let caller = optional_caller_of(&request);
         let data = request.into_inner().data.map(|data| RegistrationData {
             application_id: data.application_id,
@@ -201,7 +220,10 @@ impl Routing for RoutingService {
         answer(self.request_temporary_code(&request.into_inner().subscriber_email).await.map(|()| wire::Empty {}))
     }
 
-    async fn reissue_administration_key(&self, request: Request<wire::ReissueAdministrationKeyRequest>) -> Reply<wire::Empty> {
+    async fn reissue_administration_key(
+        &self,
+        request: Request<wire::ReissueAdministrationKeyRequest>,
+    ) -> Reply<wire::Empty> {
         let caller = optional_caller_of(&request);
         let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
         answer(self.reissue_administration_key(caller.as_ref(), &email, &proof).await.map(|()| wire::Empty {}))
@@ -219,7 +241,10 @@ impl Routing for RoutingService {
         )
     }
 
-    async fn set_subscriber_administrators(&self, request: Request<wire::SubscriberAdministrators>) -> Reply<wire::SubscriberAdministrators> {
+    async fn set_subscriber_administrators(
+        &self,
+        request: Request<wire::SubscriberAdministrators>,
+    ) -> Reply<wire::SubscriberAdministrators> {
         let caller = caller_of(&request)?;
         let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
         answer(
@@ -229,7 +254,10 @@ impl Routing for RoutingService {
         )
     }
 
-    async fn change_subscriber_email(&self, request: Request<wire::ChangeSubscriberEmailRequest>) -> Reply<wire::Empty> {
+    async fn change_subscriber_email(
+        &self,
+        request: Request<wire::ChangeSubscriberEmailRequest>,
+    ) -> Reply<wire::Empty> {
         let caller = optional_caller_of(&request);
         let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
         answer(
@@ -285,10 +313,14 @@ impl Routing for RoutingService {
         answer(result.await.map(|users| wire::UserList { users: users.iter().map(convert::user_to_wire).collect() }))
     }
 
-    async fn create_conversation(&self, request: Request<wire::CreateConversationRequest>) -> Reply<wire::Conversation> {
+    async fn create_conversation(
+        &self,
+        request: Request<wire::CreateConversationRequest>,
+    ) -> Reply<wire::Conversation> {
         let caller = caller_of(&request)?;
         let result = async {
-            let conversation = request.get_ref().conversation.as_ref().ok_or_else(|| Error::field_required("conversation"))?;
+            let conversation =
+                request.get_ref().conversation.as_ref().ok_or_else(|| Error::field_required("conversation"))?;
             let context = conversation.context.as_ref().map(convert::context_from_wire).transpose()?;
             let new_conversation = NewConversation {
                 key: non_empty(&conversation.key),
@@ -316,18 +348,25 @@ impl Routing for RoutingService {
         answer(result.await)
     }
 
-    async fn get_conversation_by_context(&self, request: Request<wire::GetConversationByContextRequest>) -> Reply<wire::Conversation> {
+    async fn get_conversation_by_context(
+        &self,
+        request: Request<wire::GetConversationByContextRequest>,
+    ) -> Reply<wire::Conversation> {
         let caller = caller_of(&request)?;
         let result = async {
             let context = request.get_ref().context.as_ref().ok_or_else(|| Error::field_required("context"))?;
             let context = convert::context_from_wire(context)?;
-            let conversation = self.get_conversation_by_context(&caller, &context.object_type, &context.object_id).await?;
+            let conversation =
+                self.get_conversation_by_context(&caller, &context.object_type, &context.object_id).await?;
             self.conversation_to_wire(&caller, conversation).await
         };
         answer(result.await)
     }
 
-    async fn update_conversation(&self, request: Request<wire::UpdateConversationRequest>) -> Reply<wire::Conversation> {
+    async fn update_conversation(
+        &self,
+        request: Request<wire::UpdateConversationRequest>,
+    ) -> Reply<wire::Conversation> {
         let caller = caller_of(&request)?;
         let result = async {
             let request = request.get_ref();
@@ -447,7 +486,11 @@ impl Routing for RoutingService {
 
     async fn get_message(&self, request: Request<wire::MessageRef>) -> Reply<wire::Message> {
         let caller = caller_of(&request)?;
-        answer(self.get_message(&caller, &request.get_ref().message_id).await.map(|message| convert::message_to_wire(&message)))
+        answer(
+            self.get_message(&caller, &request.get_ref().message_id)
+                .await
+                .map(|message| convert::message_to_wire(&message)),
+        )
     }
 
     async fn get_messages(&self, request: Request<wire::MessagesFilter>) -> Reply<wire::MessageList> {
@@ -468,7 +511,11 @@ impl Routing for RoutingService {
             };
             self.get_messages(&caller, &selector, query).await
         };
-        answer(result.await.map(|messages| wire::MessageList { messages: messages.iter().map(convert::message_to_wire).collect() }))
+        answer(
+            result.await.map(|messages| wire::MessageList {
+                messages: messages.iter().map(convert::message_to_wire).collect(),
+            }),
+        )
     }
 
     async fn get_events(&self, request: Request<wire::GetEventsRequest>) -> Reply<wire::EventList> {
@@ -478,7 +525,10 @@ impl Routing for RoutingService {
             let selector = selector(request.conversation.as_ref())?;
             self.get_events(&caller, &selector, request.after_seq, request.limit).await
         };
-        answer(result.await.map(|(events, more)| wire::EventList { events: events.iter().map(convert::event_to_wire).collect(), more }))
+        answer(result.await.map(|(events, more)| wire::EventList {
+            events: events.iter().map(convert::event_to_wire).collect(),
+            more,
+        }))
     }
 
     async fn mark_read(&self, request: Request<wire::MarkReadRequest>) -> Reply<wire::UnreadCount> {

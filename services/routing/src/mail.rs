@@ -19,9 +19,9 @@ pub trait Mailer: Send + Sync + 'static {
 }
 
 fn build_message(from: &Mailbox, to: &str, subject: &str, body: &str) -> Result<Message> {
-    let to: Mailbox = to
-        .parse()
-        .map_err(|_| Error::new(ErrorCode::EmailInvalid, format!("`{to}` is not a valid e-mail address")).with_field("email"))?;
+    let to: Mailbox = to.parse().map_err(|_| {
+        Error::new(ErrorCode::EmailInvalid, format!("`{to}` is not a valid e-mail address")).with_field("email")
+    })?;
     Message::builder()
         .from(from.clone())
         .to(to)
@@ -44,9 +44,8 @@ pub struct OutboxMailer {
 
 impl OutboxMailer {
     pub fn new(directory: PathBuf, from: &str) -> Result<Self> {
-        std::fs::create_dir_all(&directory).map_err(|error| {
-            Error::internal(format!("cannot create mail outbox {}: {error}", directory.display()))
-        })?;
+        std::fs::create_dir_all(&directory)
+            .map_err(|error| Error::internal(format!("cannot create mail outbox {}: {error}", directory.display())))?;
         let transport = AsyncFileTransport::new(&directory);
         Ok(OutboxMailer { directory, from: parse_from(from)?, transport })
     }
@@ -56,11 +55,9 @@ impl OutboxMailer {
 impl Mailer for OutboxMailer {
     async fn send(&self, to: &str, subject: &str, body: &str) -> Result<()> {
         let message = build_message(&self.from, to, subject, body)?;
-        let id = self
-            .transport
-            .send(message)
-            .await
-            .map_err(|error| Error::new(ErrorCode::Unavailable, format!("cannot write e-mail to the outbox: {error}")))?;
+        let id = self.transport.send(message).await.map_err(|error| {
+            Error::new(ErrorCode::Unavailable, format!("cannot write e-mail to the outbox: {error}"))
+        })?;
         let path = self.directory.join(format!("{id}.eml"));
         tracing::info!(to, subject, path = %path.display(), "mail written to outbox");
         Ok(())
@@ -96,10 +93,9 @@ impl SmtpMailer {
 impl Mailer for SmtpMailer {
     async fn send(&self, to: &str, subject: &str, body: &str) -> Result<()> {
         let message = build_message(&self.from, to, subject, body)?;
-        self.transport
-            .send(message)
-            .await
-            .map_err(|error| Error::new(ErrorCode::Unavailable, format!("the SMTP relay refused the e-mail: {error}")))?;
+        self.transport.send(message).await.map_err(|error| {
+            Error::new(ErrorCode::Unavailable, format!("the SMTP relay refused the e-mail: {error}"))
+        })?;
         tracing::info!(to, subject, "mail sent");
         Ok(())
     }
@@ -119,13 +115,15 @@ pub fn latest_outbox_body(directory: &std::path::Path, to: &str) -> Option<Strin
             continue;
         }
         let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let addressed = text.lines().any(|line| line.starts_with("To:") && line.to_lowercase().contains(&to.to_lowercase()));
+        let addressed =
+            text.lines().any(|line| line.starts_with("To:") && line.to_lowercase().contains(&to.to_lowercase()));
         if !addressed {
             continue;
         }
         let modified = entry.metadata().and_then(|metadata| metadata.modified()).unwrap_or(std::time::UNIX_EPOCH);
         if newest.as_ref().is_none_or(|(time, _)| modified >= *time) {
-            let body = text.split_once("\r\n\r\n").or_else(|| text.split_once("\n\n")).map(|(_, body)| body.to_owned())?;
+            let body =
+                text.split_once("\r\n\r\n").or_else(|| text.split_once("\n\n")).map(|(_, body)| body.to_owned())?;
             newest = Some((modified, body));
         }
     }

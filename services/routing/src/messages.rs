@@ -48,11 +48,9 @@ impl RoutingService {
         match requested {
             Some(author_id) => {
                 caller.require_privileged("setting the author of a message")?;
-                let author = self
-                    .store
-                    .get_user(&caller.application_id, author_id)
-                    .await?
-                    .ok_or_else(|| crate::not_found(ErrorCode::UserNotFound, "user", author_id).with_field("authorId"))?;
+                let author = self.store.get_user(&caller.application_id, author_id).await?.ok_or_else(|| {
+                    crate::not_found(ErrorCode::UserNotFound, "user", author_id).with_field("authorId")
+                })?;
                 Ok(author)
             }
             None => {
@@ -87,16 +85,26 @@ impl RoutingService {
     /// conversation its recipients plus those watching it; otherwise every
     /// member who has not switched watching off. Never the author,
     /// integration users or blocked users.
-    async fn notification_targets(&self, caller: &Caller, conversation: &Conversation, message: &Message) -> Result<Vec<String>> {
+    async fn notification_targets(
+        &self,
+        caller: &Caller,
+        conversation: &Conversation,
+        message: &Message,
+    ) -> Result<Vec<String>> {
         let audience = self.store.notification_audience(&caller.application_id, &conversation.id).await?;
-        let watching = |user_id: &str| audience.watch_modes.iter().find(|(id, _)| id == user_id).map(|(_, watch)| *watch);
+        let watching =
+            |user_id: &str| audience.watch_modes.iter().find(|(id, _)| id == user_id).map(|(_, watch)| *watch);
         let candidates: Vec<User> = if conversation.context.is_some() {
             let mut ids: BTreeSet<String> = message.recipient_ids.iter().cloned().collect();
             ids.extend(audience.watch_modes.iter().filter(|(_, watch)| *watch).map(|(id, _)| id.clone()));
             let ids: Vec<String> = ids.into_iter().collect();
             self.store.get_users(&caller.application_id, &ids).await?
         } else if conversation.all_application_users {
-            self.all_user_ids(&caller.application_id).await?.into_iter().filter(|user| watching(&user.id) != Some(false)).collect()
+            self.all_user_ids(&caller.application_id)
+                .await?
+                .into_iter()
+                .filter(|user| watching(&user.id) != Some(false))
+                .collect()
         } else {
             let members: Vec<String> =
                 conversation.member_ids.iter().filter(|id| watching(id) != Some(false)).cloned().collect();
@@ -110,10 +118,18 @@ impl RoutingService {
     }
 
     /// SendMessage (СоздатьСообщение / Записать).
-    pub async fn send_message(&self, caller: &Caller, selector: &ConversationSelector, outgoing: OutgoingMessage) -> Result<Message> {
+    pub async fn send_message(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+        outgoing: OutgoingMessage,
+    ) -> Result<Message> {
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         if conversation.read_only && !caller.privileged {
-            return Err(Error::new(ErrorCode::ConversationReadOnly, "the conversation is read-only; only the application may post"));
+            return Err(Error::new(
+                ErrorCode::ConversationReadOnly,
+                "the conversation is read-only; only the application may post",
+            ));
         }
         if outgoing.date.is_some() {
             caller.require_privileged("setting the date of a message")?;
@@ -122,9 +138,15 @@ impl RoutingService {
         if author.blocked {
             return Err(Error::new(ErrorCode::UserBlocked, format!("user `{}` is blocked", author.name)));
         }
-        if caller.privileged && outgoing.author_id.is_some() && !self.can_access(&caller.application_id, &conversation, &author).await? {
-            return Err(Error::new(ErrorCode::NotAMember, format!("author `{}` is not a member of the conversation", author.name))
-                .with_field("authorId"));
+        if caller.privileged
+            && outgoing.author_id.is_some()
+            && !self.can_access(&caller.application_id, &conversation, &author).await?
+        {
+            return Err(Error::new(
+                ErrorCode::NotAMember,
+                format!("author `{}` is not a member of the conversation", author.name),
+            )
+            .with_field("authorId"));
         }
         let text = rules::message_content(&outgoing.text, outgoing.text_format, outgoing.data.as_ref())?;
         if let Some(panel) = &outgoing.buttons {
@@ -133,23 +155,35 @@ impl RoutingService {
         if let Some(client_message_id) = &outgoing.client_message_id {
             rules::bounded_text("clientMessageId", client_message_id, beseda_core::limits::MAX_KEY_CHARS)?;
         }
-        let recipient_ids: Vec<String> = outgoing.recipient_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        let recipient_ids: Vec<String> =
+            outgoing.recipient_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let recipients = self.store.get_users(&caller.application_id, &recipient_ids).await?;
         for recipient_id in &recipient_ids {
             match recipients.iter().find(|user| &user.id == recipient_id) {
-                None => return Err(crate::not_found(ErrorCode::UserNotFound, "recipient", recipient_id).with_field("recipientIds")),
+                None => {
+                    return Err(
+                        crate::not_found(ErrorCode::UserNotFound, "recipient", recipient_id).with_field("recipientIds")
+                    );
+                }
                 Some(user) if user.blocked => {
-                    return Err(Error::new(ErrorCode::RecipientBlocked, format!("recipient `{}` is blocked", user.name))
-                        .with_field("recipientIds"));
+                    return Err(Error::new(
+                        ErrorCode::RecipientBlocked,
+                        format!("recipient `{}` is blocked", user.name),
+                    )
+                    .with_field("recipientIds"));
                 }
                 Some(_) => {}
             }
         }
         if conversation.is_one_on_one() {
-            let other_ids: Vec<String> = conversation.member_ids.iter().filter(|id| **id != author.id).cloned().collect();
+            let other_ids: Vec<String> =
+                conversation.member_ids.iter().filter(|id| **id != author.id).cloned().collect();
             let others = self.store.get_users(&caller.application_id, &other_ids).await?;
             if let Some(blocked) = others.iter().find(|user| user.blocked) {
-                return Err(Error::new(ErrorCode::RecipientBlocked, format!("user `{}` is blocked and cannot receive messages", blocked.name)));
+                return Err(Error::new(
+                    ErrorCode::RecipientBlocked,
+                    format!("user `{}` is blocked and cannot receive messages", blocked.name),
+                ));
             }
         }
         let message = Message {
@@ -168,7 +202,8 @@ impl RoutingService {
             deleted: false,
         };
         let notify_user_ids = self.notification_targets(caller, &conversation, &message).await?;
-        let outcome = self.store.append_message(&caller.application_id, &NewMessage { message, notify_user_ids }).await?;
+        let outcome =
+            self.store.append_message(&caller.application_id, &NewMessage { message, notify_user_ids }).await?;
         let Some(event) = &outcome.event else {
             metrics::counter!("beseda_messages_deduplicated_total").increment(1);
             return Ok(outcome.message);
@@ -177,7 +212,8 @@ impl RoutingService {
         self.publish_conversation_event(&caller.application_id, event).await;
         let now = now_micros();
         for unread in &outcome.unread {
-            let dnd = self.store.get_do_not_disturb(&caller.application_id, &unread.user_id, Some(&conversation.id)).await?;
+            let dnd =
+                self.store.get_do_not_disturb(&caller.application_id, &unread.user_id, Some(&conversation.id)).await?;
             let silent = crate::notifications::is_silenced(&dnd, now);
             let preview: String = outcome.message.text.chars().take(200).collect();
             self.publish_user_event(
@@ -217,10 +253,16 @@ impl RoutingService {
         if !caller.privileged {
             let acting = self.acting_user(caller).await?;
             if acting.id != message.author_id {
-                return Err(Error::new(ErrorCode::PermissionDenied, "only the author (or privileged mode) may change a message"));
+                return Err(Error::new(
+                    ErrorCode::PermissionDenied,
+                    "only the author (or privileged mode) may change a message",
+                ));
             }
             if conversation.read_only {
-                return Err(Error::new(ErrorCode::ConversationReadOnly, "messages of a read-only conversation cannot be changed"));
+                return Err(Error::new(
+                    ErrorCode::ConversationReadOnly,
+                    "messages of a read-only conversation cannot be changed",
+                ));
             }
         }
         if message.deleted {
@@ -272,7 +314,12 @@ impl RoutingService {
     }
 
     /// GetMessages (ПолучитьСообщения): within one conversation.
-    pub async fn get_messages(&self, caller: &Caller, selector: &ConversationSelector, mut query: MessageQuery) -> Result<Vec<Message>> {
+    pub async fn get_messages(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+        mut query: MessageQuery,
+    ) -> Result<Vec<Message>> {
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         query.conversation_id = conversation.id;
         if let Some(after) = &query.after {
@@ -307,7 +354,12 @@ impl RoutingService {
     }
 
     /// MarkRead: notifications up to a message (or all) become read.
-    pub async fn mark_read(&self, caller: &Caller, selector: &ConversationSelector, up_to_message_id: Option<&str>) -> Result<u32> {
+    pub async fn mark_read(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+        up_to_message_id: Option<&str>,
+    ) -> Result<u32> {
         let acting = self.acting_user(caller).await?;
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         let up_to_seq = match up_to_message_id {
@@ -318,8 +370,11 @@ impl RoutingService {
                     .await?
                     .filter(|message| message.conversation_id == conversation.id)
                     .ok_or_else(|| {
-                        Error::new(ErrorCode::MessageNotFound, format!("message `{message_id}` is not in this conversation"))
-                            .with_field("upToMessageId")
+                        Error::new(
+                            ErrorCode::MessageNotFound,
+                            format!("message `{message_id}` is not in this conversation"),
+                        )
+                        .with_field("upToMessageId")
                     })?;
                 message.seq
             }
@@ -329,7 +384,10 @@ impl RoutingService {
         self.publish_user_event(
             &caller.application_id,
             &acting.id,
-            wire::user_event::Kind::UnreadCount(wire::UnreadCount { conversation_id: conversation.id, unread_count: remaining }),
+            wire::user_event::Kind::UnreadCount(wire::UnreadCount {
+                conversation_id: conversation.id,
+                unread_count: remaining,
+            }),
         )
         .await;
         Ok(remaining)

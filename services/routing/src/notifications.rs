@@ -27,7 +27,12 @@ impl RoutingService {
 
     /// The default when nothing was set: non-context conversations notify,
     /// context conversations notify only of messages addressed to the user.
-    pub async fn watch_mode(&self, caller: &Caller, selector: &ConversationSelector, user_id: Option<&str>) -> Result<bool> {
+    pub async fn watch_mode(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+        user_id: Option<&str>,
+    ) -> Result<bool> {
         let owner = self.settings_owner(caller, user_id).await?;
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         let explicit = self.store.get_watch_mode(&caller.application_id, &conversation.id, &owner).await?;

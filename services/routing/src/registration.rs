@@ -63,12 +63,15 @@ impl RoutingService {
         let existing = match &request.application_id {
             Some(application_id) => {
                 let application = self.store.get_application(application_id).await?.ok_or_else(|| {
-                    crate::not_found(ErrorCode::ApplicationNotFound, "application", application_id).with_field("applicationId")
+                    crate::not_found(ErrorCode::ApplicationNotFound, "application", application_id)
+                        .with_field("applicationId")
                 })?;
                 if application.state == ApplicationState::Disconnected {
                     return Err(Error::new(
                         ErrorCode::ApplicationDisconnected,
-                        format!("application `{application_id}` was disconnected irrevocably; register without applicationId to create a new one"),
+                        format!(
+                            "application `{application_id}` was disconnected irrevocably; register without applicationId to create a new one"
+                        ),
                     ));
                 }
                 let subscriber = self
@@ -121,30 +124,38 @@ impl RoutingService {
     }
 
     /// Step 2: check the code, then register (or re-register) and issue keys.
-    pub async fn complete_registration(&self, request: &RegistrationRequest, activation_code: &str) -> Result<RegistrationData> {
+    pub async fn complete_registration(
+        &self,
+        request: &RegistrationRequest,
+        activation_code: &str,
+    ) -> Result<RegistrationData> {
         if activation_code.trim().is_empty() {
             return Err(Error::field_required("activationCode"));
         }
         let (email, _) = self.resolve_registration(request).await?;
-        let activation = self
-            .store
-            .take_pending_activation(&email, &hash_secret(activation_code), now_micros())
-            .await?
-            .ok_or_else(|| {
-                Error::new(ErrorCode::ActivationCodeInvalid, "the activation code is wrong, used or expired; request a new one")
+        let activation =
+            self.store.take_pending_activation(&email, &hash_secret(activation_code), now_micros()).await?.ok_or_else(
+                || {
+                    Error::new(
+                        ErrorCode::ActivationCodeInvalid,
+                        "the activation code is wrong, used or expired; request a new one",
+                    )
                     .with_field("activationCode")
-            })?;
+                },
+            )?;
         let subscriber = self.store.upsert_subscriber(&email).await?;
         let application_key = new_secret();
         let application = match &activation.application_id {
             Some(application_id) => {
-                let mut application = self
-                    .store
-                    .get_application(application_id)
-                    .await?
-                    .ok_or_else(|| crate::not_found(ErrorCode::ApplicationNotFound, "application", application_id))?;
+                let mut application =
+                    self.store.get_application(application_id).await?.ok_or_else(|| {
+                        crate::not_found(ErrorCode::ApplicationNotFound, "application", application_id)
+                    })?;
                 if application.state == ApplicationState::Disconnected {
-                    return Err(Error::new(ErrorCode::ApplicationDisconnected, "the application was disconnected irrevocably"));
+                    return Err(Error::new(
+                        ErrorCode::ApplicationDisconnected,
+                        "the application was disconnected irrevocably",
+                    ));
                 }
                 application.key = Some(application_key.clone());
                 application.state = ApplicationState::Registered;
@@ -217,7 +228,11 @@ impl RoutingService {
     /// SetRegistrationData: with data, checks that it is a valid registration
     /// (a data area moved to another database); without data, disconnects the
     /// calling application irrevocably.
-    pub async fn set_registration_data(&self, caller: Option<&Caller>, data: Option<&RegistrationData>) -> Result<bool> {
+    pub async fn set_registration_data(
+        &self,
+        caller: Option<&Caller>,
+        data: Option<&RegistrationData>,
+    ) -> Result<bool> {
         match data {
             Some(data) => {
                 let verified = self.authenticate_application(&data.application_id, &data.application_key, None).await;
@@ -228,11 +243,9 @@ impl RoutingService {
                     Error::new(ErrorCode::Unauthenticated, "disconnecting needs the application's credentials")
                 })?;
                 caller.require_privileged("disconnecting the application")?;
-                let mut application = self
-                    .store
-                    .get_application(&caller.application_id)
-                    .await?
-                    .ok_or_else(|| crate::not_found(ErrorCode::ApplicationNotFound, "application", &caller.application_id))?;
+                let mut application = self.store.get_application(&caller.application_id).await?.ok_or_else(|| {
+                    crate::not_found(ErrorCode::ApplicationNotFound, "application", &caller.application_id)
+                })?;
                 application.key = None;
                 application.state = ApplicationState::Disconnected;
                 self.store.update_application(&application).await?;
@@ -251,7 +264,9 @@ impl RoutingService {
             .ok_or_else(|| Error::internal("application without subscriber"))?;
         let user_count = self.store.count_users(&application.id).await?;
         let current_user_is_subscriber_administrator = match &caller.user_id {
-            Some(user_id) => self.store.get_user(&application.id, user_id).await?.is_some_and(|user| user.subscriber_administrator),
+            Some(user_id) => {
+                self.store.get_user(&application.id, user_id).await?.is_some_and(|user| user.subscriber_administrator)
+            }
             None => false,
         };
         Ok(ApplicationInfo {
@@ -272,7 +287,9 @@ impl RoutingService {
             return Ok(());
         };
         let code = new_code();
-        self.store.put_temporary_code(&subscriber.id, &hash_secret(&code), now_micros() + TEMPORARY_CODE_TTL_MICROS).await?;
+        self.store
+            .put_temporary_code(&subscriber.id, &hash_secret(&code), now_micros() + TEMPORARY_CODE_TTL_MICROS)
+            .await?;
         let body = format!(
             "Your temporary Beseda administration code is:\n\n    {code}\n\nIt is valid for 24 hours or until first use. The administration key stays unchanged.\n"
         );
@@ -280,7 +297,12 @@ impl RoutingService {
     }
 
     /// Checks a proof of subscriber administration rights.
-    pub async fn verify_subscriber(&self, caller: Option<&Caller>, email: &str, proof: &SubscriberProof) -> Result<Subscriber> {
+    pub async fn verify_subscriber(
+        &self,
+        caller: Option<&Caller>,
+        email: &str,
+        proof: &SubscriberProof,
+    ) -> Result<Subscriber> {
         let denied = || {
             Error::new(
                 ErrorCode::SubscriberCredentialInvalid,
@@ -292,7 +314,11 @@ impl RoutingService {
                 let caller = caller.ok_or_else(denied)?;
                 let application = self.registered_application(&caller.application_id).await?;
                 let is_administrator = match &caller.user_id {
-                    Some(user_id) => self.store.get_user(&application.id, user_id).await?.is_some_and(|user| user.subscriber_administrator),
+                    Some(user_id) => self
+                        .store
+                        .get_user(&application.id, user_id)
+                        .await?
+                        .is_some_and(|user| user.subscriber_administrator),
                     None => false,
                 };
                 if !is_administrator {
@@ -314,7 +340,12 @@ impl RoutingService {
         if accepted { Ok(subscriber) } else { Err(denied()) }
     }
 
-    pub async fn reissue_administration_key(&self, caller: Option<&Caller>, email: &str, proof: &SubscriberProof) -> Result<()> {
+    pub async fn reissue_administration_key(
+        &self,
+        caller: Option<&Caller>,
+        email: &str,
+        proof: &SubscriberProof,
+    ) -> Result<()> {
         let subscriber = self.verify_subscriber(caller, email, proof).await?;
         self.issue_administration_key(&subscriber).await
     }
@@ -343,7 +374,10 @@ impl RoutingService {
         let subscriber = self.verify_subscriber(Some(caller), email, proof).await?;
         let application = self.registered_application(&caller.application_id).await?;
         if application.subscriber_id != subscriber.id {
-            return Err(Error::new(ErrorCode::SubscriberCredentialInvalid, "the application belongs to another subscriber"));
+            return Err(Error::new(
+                ErrorCode::SubscriberCredentialInvalid,
+                "the application belongs to another subscriber",
+            ));
         }
         let users = self.store.get_users(&application.id, user_ids).await?;
         if let Some(missing) = user_ids.iter().find(|id| !users.iter().any(|user| &user.id == *id)) {

@@ -19,7 +19,10 @@ impl RemoteRouting {
     /// fail with `unavailable` while the node cannot be reached.
     pub fn connect_lazy(endpoint: &str) -> Result<Self, beseda_core::Error> {
         let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).map_err(|error| {
-            beseda_core::Error::invalid("routing.endpoint", format!("`{endpoint}` is not a valid gRPC endpoint URL: {error}"))
+            beseda_core::Error::invalid(
+                "routing.endpoint",
+                format!("`{endpoint}` is not a valid gRPC endpoint URL: {error}"),
+            )
         })?;
         Ok(RemoteRouting { client: RoutingClient::new(endpoint.connect_lazy()) })
     }

@@ -38,17 +38,16 @@ pub fn to_status(error: Error) -> Status {
 /// Beseda (transport failures) map by their gRPC code.
 pub fn from_status(status: &Status) -> Error {
     let metadata = status.metadata();
-    let code = metadata
-        .get(CODE_KEY)
-        .and_then(|value| value.to_str().ok())
-        .and_then(ErrorCode::from_code_str)
-        .unwrap_or(match status.code() {
-            Code::InvalidArgument | Code::OutOfRange => ErrorCode::InvalidValue,
-            Code::Unauthenticated => ErrorCode::Unauthenticated,
-            Code::PermissionDenied => ErrorCode::PermissionDenied,
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => ErrorCode::Unavailable,
-            _ => ErrorCode::Internal,
-        });
+    let code =
+        metadata.get(CODE_KEY).and_then(|value| value.to_str().ok()).and_then(ErrorCode::from_code_str).unwrap_or(
+            match status.code() {
+                Code::InvalidArgument | Code::OutOfRange => ErrorCode::InvalidValue,
+                Code::Unauthenticated => ErrorCode::Unauthenticated,
+                Code::PermissionDenied => ErrorCode::PermissionDenied,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => ErrorCode::Unavailable,
+                _ => ErrorCode::Internal,
+            },
+        );
     let mut error = Error::new(code, status.message());
     error.field = metadata.get(FIELD_KEY).and_then(|value| value.to_str().ok()).map(str::to_owned);
     error

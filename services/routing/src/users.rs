@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use beseda_core::limits::{MAX_NAME_CHARS, MAX_PAGE_SIZE};
 use beseda_core::model::{User, UserKind, now_micros};
 use beseda_core::{Error, ErrorCode, Result, rules};
+use beseda_proto::v1 as wire;
 use beseda_store::{ConversationQuery, UserQuery};
 
 use crate::{Caller, RoutingService};
@@ -90,7 +91,10 @@ impl RoutingService {
                 user.authentication_email = rules::normalize_email(&user.authentication_email)
                     .map_err(|error| error.with_field("authenticationEmail"))?;
                 if user.infobase_user_id.is_some() {
-                    return Err(Error::invalid("infobaseUserId", "an external user is not paired with an infobase user"));
+                    return Err(Error::invalid(
+                        "infobaseUserId",
+                        "an external user is not paired with an infobase user",
+                    ));
                 }
             }
             UserKind::Guest => {
@@ -121,7 +125,9 @@ impl RoutingService {
                 UserKind::Guest => {
                     return Err(Error::new(ErrorCode::UserKindRestricted, "guest users cannot open user cards"));
                 }
-                UserKind::External if !self.users_sharing_conversations(caller, &acting.id).await?.contains(&user.id) => {
+                UserKind::External
+                    if !self.users_sharing_conversations(caller, &acting.id).await?.contains(&user.id) =>
+                {
                     return Err(crate::not_found(ErrorCode::UserNotFound, "user", user_id));
                 }
                 _ => {}
@@ -157,20 +163,25 @@ impl RoutingService {
     /// UpdateUser: `mask` names the fields to change (canonical JSON names).
     pub async fn update_user(&self, caller: &Caller, user_id: &str, mask: &[String], changes: User) -> Result<User> {
         if mask.is_empty() {
-            return Err(Error::new(ErrorCode::FieldRequired, "`updateMask` must name the fields to change, e.g. [\"fullName\"]")
-                .with_field("updateMask"));
+            return Err(Error::new(
+                ErrorCode::FieldRequired,
+                "`updateMask` must name the fields to change, e.g. [\"fullName\"]",
+            )
+            .with_field("updateMask"));
         }
         let mut user = self
             .store
             .get_user(&caller.application_id, user_id)
             .await?
             .ok_or_else(|| crate::not_found(ErrorCode::UserNotFound, "user", user_id))?;
+        let was_blocked = user.blocked;
         if !caller.privileged {
             let acting = self.acting_user(caller).await?;
             if acting.id != user.id {
                 return Err(Error::new(ErrorCode::PermissionDenied, "users may change only their own properties"));
             }
-            let allowed = if acting.kind == UserKind::Guest { GUEST_SELF_EDITABLE_FIELDS } else { SELF_EDITABLE_FIELDS };
+            let allowed =
+                if acting.kind == UserKind::Guest { GUEST_SELF_EDITABLE_FIELDS } else { SELF_EDITABLE_FIELDS };
             if let Some(field) = mask.iter().find(|field| !allowed.contains(&field.as_str())) {
                 return Err(Error::new(
                     ErrorCode::PrivilegedModeRequired,
@@ -189,7 +200,10 @@ impl RoutingService {
                 "matchingKey" => user.matching_key = changes.matching_key.clone(),
                 "infobaseUserId" => {
                     if user.kind != UserKind::Regular && changes.infobase_user_id.is_some() {
-                        return Err(Error::invalid("infobaseUserId", "only regular users are paired with infobase users"));
+                        return Err(Error::invalid(
+                            "infobaseUserId",
+                            "only regular users are paired with infobase users",
+                        ));
                     }
                     user.infobase_user_id = changes.infobase_user_id.clone();
                 }
@@ -203,7 +217,17 @@ impl RoutingService {
             }
         }
         check_properties(&user)?;
+        let newly_blocked = user.blocked && !was_blocked;
         self.store.update_user(&caller.application_id, &user).await?;
+        if newly_blocked {
+            // Blocked users cannot stay connected either.
+            self.publish_user_event(
+                &caller.application_id,
+                &user.id,
+                wire::user_event::Kind::Blocked(wire::UserBlocked {}),
+            )
+            .await;
+        }
         Ok(user)
     }
 

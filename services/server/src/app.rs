@@ -34,7 +34,8 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
     match config.store.backend {
         StoreBackend::Embedded => {
             let path = config.server.data_dir.join("beseda.db");
-            let store = SqliteStore::open(&path).map_err(|error| anyhow::anyhow!("{error}"))
+            let store = SqliteStore::open(&path)
+                .map_err(|error| anyhow::anyhow!("{error}"))
                 .with_context(|| format!("cannot open the embedded database {}", path.display()))?;
             Ok((Arc::new(store), format!("embedded SQLite {}", path.display())))
         }
@@ -59,11 +60,18 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     let (store, store_description) = open_store(config).await?;
     let mailer: Arc<dyn Mailer> = match &config.mail.smtp_url {
         Some(url) => Arc::new(SmtpMailer::new(url, &config.mail.from).map_err(|error| anyhow::anyhow!("{error}"))?),
-        None => Arc::new(OutboxMailer::new(config.outbox_dir(), &config.mail.from).map_err(|error| anyhow::anyhow!("{error}"))?),
+        None => Arc::new(
+            OutboxMailer::new(config.outbox_dir(), &config.mail.from).map_err(|error| anyhow::anyhow!("{error}"))?,
+        ),
     };
     let bus = Arc::new(InProcessBus::new());
     let registry = Arc::new(LocalRegistry::new());
-    let routing = RoutingService::new(store.clone(), bus.clone(), mailer.clone(), RoutingConfig { public_url: config.public_url() });
+    let routing = RoutingService::new(
+        store.clone(),
+        bus.clone(),
+        mailer.clone(),
+        RoutingConfig { public_url: config.public_url() },
+    );
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     let gateway = Gateway {
         routing: Arc::new(routing),
@@ -80,7 +88,11 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
 /// Serves until `shutdown` resolves; then tells WebSocket clients to
 /// reconnect elsewhere and waits for connections to drain (bounded by the
 /// grace period).
-pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let node = build(&config).await?;
     let address = listener.local_addr()?;
     tracing::info!(%address, store = %node.store_description, mail = %node.mailer.describe(), "beseda is serving");
@@ -93,17 +105,17 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         let _ = shutdown_sender.send(true);
         let _ = drained_sender.send(());
     });
-    let serving = tokio::spawn(async move { server.await });
-    let result = match drained.await {
-        Ok(()) => match tokio::time::timeout(grace, serving).await {
-            Ok(joined) => joined.context("server task failed")?.context("server failed"),
-            Err(_) => {
-                tracing::warn!(grace_seconds = grace.as_secs(), "connections did not drain in time; closing");
-                Ok(())
-            }
-        },
+    let mut serving = tokio::spawn(async move { server.await });
+    tokio::select! {
         // The server stopped on its own (an accept error) before any shutdown.
-        Err(_) => Ok(()),
-    };
-    result
+        joined = &mut serving => return joined.context("server task failed")?.context("server failed"),
+        _ = drained => {}
+    }
+    match tokio::time::timeout(grace, serving).await {
+        Ok(joined) => joined.context("server task failed")?.context("server failed"),
+        Err(_) => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "connections did not drain in time; closing");
+            Ok(())
+        }
+    }
 }

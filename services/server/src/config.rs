@@ -88,7 +88,12 @@ pub struct GatewaySection {
 
 impl Default for GatewaySection {
     fn default() -> Self {
-        GatewaySection { ping_interval_seconds: 25, idle_timeout_seconds: 60, hello_timeout_seconds: 10, send_queue_capacity: 1024 }
+        GatewaySection {
+            ping_interval_seconds: 25,
+            idle_timeout_seconds: 60,
+            hello_timeout_seconds: 10,
+            send_queue_capacity: 1024,
+        }
     }
 }
 
@@ -130,7 +135,8 @@ impl NodeConfig {
     pub fn load(file: Option<&Path>, environment: &[(String, String)]) -> anyhow::Result<NodeConfig> {
         let mut config = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?
             }
             None => NodeConfig::default(),
@@ -179,7 +185,9 @@ impl NodeConfig {
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }
-        if self.gateway.ping_interval_seconds == 0 || self.gateway.idle_timeout_seconds <= self.gateway.ping_interval_seconds {
+        if self.gateway.ping_interval_seconds == 0
+            || self.gateway.idle_timeout_seconds <= self.gateway.ping_interval_seconds
+        {
             bail!("gateway.idle_timeout_seconds must be greater than gateway.ping_interval_seconds (> 0)");
         }
         if self.gateway.send_queue_capacity < 16 {

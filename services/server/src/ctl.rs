@@ -70,7 +70,9 @@ pub enum CtlCommand {
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
-    text.split_once('=').map(|(name, value)| (name.to_owned(), value.to_owned())).ok_or_else(|| format!("expected name=value, got {text:?}"))
+    text.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected name=value, got {text:?}"))
 }
 
 fn read_body(body: &str) -> anyhow::Result<String> {

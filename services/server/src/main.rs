@@ -30,7 +30,8 @@ enum Command {
 }
 
 fn init_logging(format: &str, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     if format == "json" {
         builder.json().init();
@@ -59,8 +60,13 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-async fn serve(config: Option<PathBuf>, listen: Option<std::net::SocketAddr>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let environment: Vec<(String, String)> = std::env::vars().filter(|(name, _)| !name.starts_with("BESEDA_CTL_")).collect();
+async fn serve(
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let environment: Vec<(String, String)> =
+        std::env::vars().filter(|(name, _)| !name.starts_with("BESEDA_CTL_")).collect();
     let mut config = beseda::config::NodeConfig::load(config.as_deref(), &environment)?;
     if let Some(listen) = listen {
         config.server.listen = listen;

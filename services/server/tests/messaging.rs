@@ -23,9 +23,8 @@ async fn two_users_in_a_group_exchange_messages_in_real_time() {
         let subscribed = client.request(json!({"subscribe": {"conversation": {"id": conversation_id}}})).await;
         assert_eq!(subscribed["subscribed"]["conversationId"], conversation_id.as_str(), "{subscribed}");
     }
-    let sent = alice
-        .request(json!({"sendMessage": {"conversation": {"id": conversation_id}, "text": "hello, Bob"}}))
-        .await;
+    let sent =
+        alice.request(json!({"sendMessage": {"conversation": {"id": conversation_id}, "text": "hello, Bob"}})).await;
     assert_eq!(sent["message"]["text"], "hello, Bob", "{sent}");
     assert_eq!(sent["message"]["authorId"], alice_id.as_str());
 
@@ -88,7 +87,9 @@ async fn a_reconnecting_client_gets_exactly_the_missed_events_in_order() {
 
     // Bob reconnects with his last seq: exactly 4..=8 arrive, in order, then live ones.
     let mut bob = Client::connect(&server, &application.token("b1", "Bob")).await;
-    let subscribed = bob.request(json!({"subscribe": {"conversation": {"id": conversation_id}, "afterSeq": last_seq.to_string()}})).await;
+    let subscribed = bob
+        .request(json!({"subscribe": {"conversation": {"id": conversation_id}, "afterSeq": last_seq.to_string()}}))
+        .await;
     assert_eq!(subscribed["subscribed"]["lastSeq"], "8", "{subscribed}");
     for index in 4..=8 {
         let event = bob.next_event().await;
@@ -136,7 +137,12 @@ async fn limits_are_enforced_with_typed_errors() {
     use base64::Engine;
     let encode = |size: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; size]);
     server
-        .ok("POST", &path, &alice, Some(json!({"data": {"mimeType": "application/octet-stream", "content": encode(102_400)}})))
+        .ok(
+            "POST",
+            &path,
+            &alice,
+            Some(json!({"data": {"mimeType": "application/octet-stream", "content": encode(102_400)}})),
+        )
         .await;
     server
         .fails(
@@ -153,11 +159,23 @@ async fn limits_are_enforced_with_typed_errors() {
     let row = json!({"buttons": vec![button.clone(); 10]});
     server.ok("POST", &path, &alice, Some(json!({"text": "choose", "buttons": {"rows": vec![row.clone(); 10]}}))).await;
     server
-        .fails("POST", &path, &alice, Some(json!({"text": "choose", "buttons": {"rows": vec![row.clone(); 11]}})), "button_panel_too_large")
+        .fails(
+            "POST",
+            &path,
+            &alice,
+            Some(json!({"text": "choose", "buttons": {"rows": vec![row.clone(); 11]}})),
+            "button_panel_too_large",
+        )
         .await;
     let bot_button = json!({"text": "Go", "action": "BUTTON_ACTION_PROCESS_BY_BOT"});
     server
-        .fails("POST", &path, &alice, Some(json!({"text": "x", "buttons": {"rows": [{"buttons": [bot_button]}]}})), "invalid_button")
+        .fails(
+            "POST",
+            &path,
+            &alice,
+            Some(json!({"text": "x", "buttons": {"rows": [{"buttons": [bot_button]}]}})),
+            "invalid_button",
+        )
         .await;
 
     let too_many: Vec<String> = (0..3001).map(|index| format!("u{index}")).collect();
@@ -189,16 +207,32 @@ async fn a_blocked_user_cannot_connect_and_cannot_be_messaged() {
         .await;
     let conversation_id = one_on_one["id"].as_str().unwrap().to_owned();
 
+    // Blocking closes Bob's open connection with a typed error.
+    let mut connected_bob = Client::connect(&server, &application.token("b1", "Bob")).await;
     server
-        .ok("PATCH", &format!("/api/v1/users/{bob_id}"), &application.privileged(), Some(json!({"updateMask": ["blocked"], "user": {"blocked": true}})))
+        .ok(
+            "PATCH",
+            &format!("/api/v1/users/{bob_id}"),
+            &application.privileged(),
+            Some(json!({"updateMask": ["blocked"], "user": {"blocked": true}})),
+        )
         .await;
-    let refused = Client::try_connect(&server, json!({"hello": {"protocolVersion": 1, "token": application.token("b1", "Bob")}}))
-        .await
-        .err()
-        .expect("a blocked user is refused");
+    let closing = connected_bob.next_push().await;
+    assert_eq!(closing["error"]["code"], "user_blocked", "{closing}");
+    let refused =
+        Client::try_connect(&server, json!({"hello": {"protocolVersion": 1, "token": application.token("b1", "Bob")}}))
+            .await
+            .err()
+            .expect("a blocked user is refused");
     assert_eq!(refused["error"]["code"], "user_blocked", "{refused}");
     server
-        .fails("POST", &format!("/api/v1/conversations/{conversation_id}/messages"), &alice, Some(json!({"text": "hi"})), "recipient_blocked")
+        .fails(
+            "POST",
+            &format!("/api/v1/conversations/{conversation_id}/messages"),
+            &alice,
+            Some(json!({"text": "hi"})),
+            "recipient_blocked",
+        )
         .await;
     server
         .fails(
@@ -221,15 +255,40 @@ async fn one_on_one_and_read_only_rules_hold() {
 
     // One-on-one: exactly two members, no title, no membership changes, cannot be left.
     server
-        .fails("POST", "/api/v1/conversations", &alice, Some(json!({"conversation": {"group": false, "memberIds": [bob_id, carol_id]}})), "one_on_one_rules")
+        .fails(
+            "POST",
+            "/api/v1/conversations",
+            &alice,
+            Some(json!({"conversation": {"group": false, "memberIds": [bob_id, carol_id]}})),
+            "one_on_one_rules",
+        )
         .await;
     server
-        .fails("POST", "/api/v1/conversations", &alice, Some(json!({"conversation": {"group": false, "title": "x", "memberIds": [bob_id]}})), "one_on_one_rules")
+        .fails(
+            "POST",
+            "/api/v1/conversations",
+            &alice,
+            Some(json!({"conversation": {"group": false, "title": "x", "memberIds": [bob_id]}})),
+            "one_on_one_rules",
+        )
         .await;
-    let pair = server.ok("POST", "/api/v1/conversations", &alice, Some(json!({"conversation": {"group": false, "memberIds": [bob_id]}}))).await;
+    let pair = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &alice,
+            Some(json!({"conversation": {"group": false, "memberIds": [bob_id]}})),
+        )
+        .await;
     let pair_id = pair["id"].as_str().unwrap();
     server
-        .fails("PATCH", &format!("/api/v1/conversations/{pair_id}"), &alice, Some(json!({"addMemberIds": [carol_id]})), "one_on_one_rules")
+        .fails(
+            "PATCH",
+            &format!("/api/v1/conversations/{pair_id}"),
+            &alice,
+            Some(json!({"addMemberIds": [carol_id]})),
+            "one_on_one_rules",
+        )
         .await;
     server.fails("POST", &format!("/api/v1/conversations/{pair_id}/leave"), &alice, None, "one_on_one_rules").await;
 
@@ -254,17 +313,38 @@ async fn one_on_one_and_read_only_rules_hold() {
     let news_id = news["id"].as_str().unwrap();
     let messages = format!("/api/v1/conversations/{news_id}/messages");
     server.fails("POST", &messages, &alice, Some(json!({"text": "hi"})), "conversation_read_only").await;
-    server.fails("PATCH", &format!("/api/v1/conversations/{news_id}"), &alice, Some(json!({"title": "Mine"})), "conversation_read_only").await;
-    server.fails("POST", &format!("/api/v1/conversations/{news_id}/leave"), &alice, None, "conversation_read_only").await;
+    server
+        .fails(
+            "PATCH",
+            &format!("/api/v1/conversations/{news_id}"),
+            &alice,
+            Some(json!({"title": "Mine"})),
+            "conversation_read_only",
+        )
+        .await;
+    server
+        .fails("POST", &format!("/api/v1/conversations/{news_id}/leave"), &alice, None, "conversation_read_only")
+        .await;
     let posted = server
-        .ok("POST", &messages, &application.privileged(), Some(json!({"text": "release 2.0", "authorId": alice_id, "date": "2020-01-02T03:04:05Z"})))
+        .ok(
+            "POST",
+            &messages,
+            &application.privileged(),
+            Some(json!({"text": "release 2.0", "authorId": alice_id, "date": "2020-01-02T03:04:05Z"})),
+        )
         .await;
     assert_eq!(posted["date"], "2020-01-02T03:04:05+00:00");
     assert_eq!(posted["authorId"], alice_id.as_str());
     // Setting the author or date needs privileged mode.
     let group_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
     server
-        .fails("POST", &format!("/api/v1/conversations/{group_id}/messages"), &alice, Some(json!({"text": "x", "authorId": bob_id})), "privileged_mode_required")
+        .fails(
+            "POST",
+            &format!("/api/v1/conversations/{group_id}/messages"),
+            &alice,
+            Some(json!({"text": "x", "authorId": bob_id})),
+            "privileged_mode_required",
+        )
         .await;
 }
 
@@ -276,28 +356,62 @@ async fn keys_are_unique_and_context_objects_have_one_conversation() {
     let app = application.privileged();
 
     let keyed = server
-        .ok("POST", "/api/v1/conversations", &app, Some(json!({"conversation": {"title": "Orders", "group": true, "key": "orders", "memberIds": [alice_id]}})))
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Orders", "group": true, "key": "orders", "memberIds": [alice_id]}})),
+        )
         .await;
     server
-        .fails("POST", "/api/v1/conversations", &app, Some(json!({"conversation": {"title": "Again", "group": true, "key": "orders"}})), "conversation_key_taken")
+        .fails(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Again", "group": true, "key": "orders"}})),
+            "conversation_key_taken",
+        )
         .await;
     let by_key = server.ok("GET", "/api/v1/conversations/by-key/orders", &alice, None).await;
     assert_eq!(by_key["id"], keyed["id"]);
     // The key cannot be changed: the update message has no such field.
     server
-        .fails("PATCH", &format!("/api/v1/conversations/{}", keyed["id"].as_str().unwrap()), &app, Some(json!({"key": "other"})), "malformed_request")
+        .fails(
+            "PATCH",
+            &format!("/api/v1/conversations/{}", keyed["id"].as_str().unwrap()),
+            &app,
+            Some(json!({"key": "other"})),
+            "malformed_request",
+        )
         .await;
 
     let context = json!({"objectType": "Document.SalesOrder", "objectId": "6f1c0e2a-0000-0000-0000-000000000001"});
-    let first = server.ok("POST", "/api/v1/conversations", &app, Some(json!({"conversation": {"title": "Order 1", "context": context}}))).await;
+    let first = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Order 1", "context": context}})),
+        )
+        .await;
     assert_eq!(first["displayed"], true, "context conversations are always displayed");
     server
-        .fails("POST", "/api/v1/conversations", &app, Some(json!({"conversation": {"title": "Order 1 again", "context": context}})), "context_conversation_exists")
+        .fails(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Order 1 again", "context": context}})),
+            "context_conversation_exists",
+        )
         .await;
     // Access to a context conversation is granted by the application.
-    server.fails("POST", "/api/v1/conversations/by-context", &alice, Some(json!({"context": context})), "not_a_member").await;
+    server
+        .fails("POST", "/api/v1/conversations/by-context", &alice, Some(json!({"context": context})), "not_a_member")
+        .await;
     let first_id = first["id"].as_str().unwrap();
-    server.ok("PUT", &format!("/api/v1/conversations/{first_id}/access"), &app, Some(json!({"grantUserIds": [alice_id]}))).await;
+    server
+        .ok("PUT", &format!("/api/v1/conversations/{first_id}/access"), &app, Some(json!({"grantUserIds": [alice_id]})))
+        .await;
     let found = server.ok("POST", "/api/v1/conversations/by-context", &alice, Some(json!({"context": context}))).await;
     assert_eq!(found["id"], first_id);
 }
@@ -327,7 +441,9 @@ async fn watch_mode_and_do_not_disturb_decide_notifications() {
     server.ok("PUT", "/api/v1/do-not-disturb", &bob, Some(json!({}))).await;
 
     // Watch mode off: no notification at all.
-    let watch = server.ok("PUT", &format!("/api/v1/conversations/{conversation_id}/watch"), &bob, Some(json!({"watch": false}))).await;
+    let watch = server
+        .ok("PUT", &format!("/api/v1/conversations/{conversation_id}/watch"), &bob, Some(json!({"watch": false})))
+        .await;
     assert_eq!(watch["watch"], serde_json::Value::Null, "false is omitted in canonical JSON: {watch}");
     server.ok("POST", &messages, &alice, Some(json!({"text": "three"}))).await;
     bob_client.expect_no_user_event("notification", Duration::from_millis(300)).await;
@@ -336,18 +452,38 @@ async fn watch_mode_and_do_not_disturb_decide_notifications() {
 
     // Changing another user's mode needs privileged mode.
     server
-        .fails("PUT", &format!("/api/v1/conversations/{conversation_id}/watch"), &alice, Some(json!({"watch": true, "userId": bob_id})), "privileged_mode_required")
+        .fails(
+            "PUT",
+            &format!("/api/v1/conversations/{conversation_id}/watch"),
+            &alice,
+            Some(json!({"watch": true, "userId": bob_id})),
+            "privileged_mode_required",
+        )
         .await;
     server
-        .ok("PUT", &format!("/api/v1/conversations/{conversation_id}/watch"), &application.privileged(), Some(json!({"watch": true, "userId": bob_id})))
+        .ok(
+            "PUT",
+            &format!("/api/v1/conversations/{conversation_id}/watch"),
+            &application.privileged(),
+            Some(json!({"watch": true, "userId": bob_id})),
+        )
         .await;
 
     // Context conversation: recipients are notified, others only when watching.
     let context = json!({"objectType": "Catalog.Clients", "objectId": "client-7"});
     let app = application.privileged();
-    let task = server.ok("POST", "/api/v1/conversations", &app, Some(json!({"conversation": {"title": "Client 7", "context": context}}))).await;
+    let task = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Client 7", "context": context}})),
+        )
+        .await;
     let task_id = task["id"].as_str().unwrap();
-    server.ok("PUT", &format!("/api/v1/conversations/{task_id}/access"), &app, Some(json!({"allApplicationUsers": true}))).await;
+    server
+        .ok("PUT", &format!("/api/v1/conversations/{task_id}/access"), &app, Some(json!({"allApplicationUsers": true})))
+        .await;
     let task_messages = format!("/api/v1/conversations/{task_id}/messages");
     server.ok("POST", &task_messages, &alice, Some(json!({"text": "for everyone"}))).await;
     bob_client.expect_no_user_event("notification", Duration::from_millis(300)).await;
@@ -365,7 +501,14 @@ async fn the_conversation_list_puts_unread_first_and_pages_by_date() {
     let mut ids = Vec::new();
     for index in 0..5 {
         let id = group(&server, &application, &format!("Room {index}"), &[&alice_id, &bob_id]).await;
-        server.ok("POST", &format!("/api/v1/conversations/{id}/messages"), &bob, Some(json!({"text": format!("in room {index}")}))).await;
+        server
+            .ok(
+                "POST",
+                &format!("/api/v1/conversations/{id}/messages"),
+                &bob,
+                Some(json!({"text": format!("in room {index}")})),
+            )
+            .await;
         ids.push(id);
     }
     // Alice reads everything, then one old room gets a new message from Bob... and she reads room 4 only.
@@ -373,13 +516,20 @@ async fn the_conversation_list_puts_unread_first_and_pages_by_date() {
         server.ok("POST", &format!("/api/v1/conversations/{id}/read"), &alice, Some(json!({}))).await;
     }
     let unread_room = &ids[1];
-    server.ok("POST", &format!("/api/v1/conversations/{unread_room}/messages"), &bob, Some(json!({"text": "news"}))).await;
+    server
+        .ok("POST", &format!("/api/v1/conversations/{unread_room}/messages"), &bob, Some(json!({"text": "news"})))
+        .await;
     let list = server.ok("GET", "/api/v1/conversation-list", &alice, None).await;
-    let listed: Vec<&str> = list["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let listed: Vec<&str> =
+        list["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(listed[0], unread_room, "unread first: {list}");
     assert_eq!(list["conversations"][0]["unreadCount"], 1);
     assert_eq!(listed.len(), 5);
-    assert_eq!(&listed[1..], &[ids[4].as_str(), ids[3].as_str(), ids[2].as_str(), ids[0].as_str()], "then newest first");
+    assert_eq!(
+        &listed[1..],
+        &[ids[4].as_str(), ids[3].as_str(), ids[2].as_str(), ids[0].as_str()],
+        "then newest first"
+    );
 
     // Paging GetConversations by StartDate, two at a time, ascending: every room exactly once.
     let mut seen = Vec::new();
@@ -442,17 +592,41 @@ async fn edits_and_deletes_reach_subscribers_and_only_the_author_may_make_them()
     let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
     let mut bob_client = Client::connect(&server, &application.token("b1", "Bob")).await;
     bob_client.request(json!({"subscribe": {"conversation": {"id": conversation_id}}})).await;
-    let sent = server.ok("POST", &format!("/api/v1/conversations/{conversation_id}/messages"), &alice, Some(json!({"text": "draft"}))).await;
+    let sent = server
+        .ok(
+            "POST",
+            &format!("/api/v1/conversations/{conversation_id}/messages"),
+            &alice,
+            Some(json!({"text": "draft"})),
+        )
+        .await;
     let message_id = sent["id"].as_str().unwrap();
     assert_eq!(bob_client.next_event().await["messageCreated"]["text"], "draft");
 
-    server.fails("PATCH", &format!("/api/v1/messages/{message_id}"), &bob, Some(json!({"text": "hacked"})), "permission_denied").await;
-    let edited = server.ok("PATCH", &format!("/api/v1/messages/{message_id}"), &alice, Some(json!({"text": "final"}))).await;
+    server
+        .fails(
+            "PATCH",
+            &format!("/api/v1/messages/{message_id}"),
+            &bob,
+            Some(json!({"text": "hacked"})),
+            "permission_denied",
+        )
+        .await;
+    let edited =
+        server.ok("PATCH", &format!("/api/v1/messages/{message_id}"), &alice, Some(json!({"text": "final"}))).await;
     assert_eq!(edited["text"], "final");
     assert!(edited["editedAt"].is_string());
     assert_eq!(bob_client.next_event().await["messageEdited"]["text"], "final");
     server.ok("DELETE", &format!("/api/v1/messages/{message_id}"), &alice, None).await;
     let deleted = bob_client.next_event().await;
     assert_eq!(deleted["messageDeleted"]["id"], message_id);
-    server.fails("PATCH", &format!("/api/v1/messages/{message_id}"), &alice, Some(json!({"text": "again"})), "message_deleted").await;
+    server
+        .fails(
+            "PATCH",
+            &format!("/api/v1/messages/{message_id}"),
+            &alice,
+            Some(json!({"text": "again"})),
+            "message_deleted",
+        )
+        .await;
 }

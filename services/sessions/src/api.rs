@@ -53,7 +53,9 @@ impl Params {
 
     fn query_number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
         self.query(name)
-            .map(|value| value.parse().map_err(|_| Error::invalid(name, format!("query parameter `{name}` must be a number"))))
+            .map(|value| {
+                value.parse().map_err(|_| Error::invalid(name, format!("query parameter `{name}` must be a number")))
+            })
             .transpose()
     }
 }
@@ -106,7 +108,8 @@ where
         None => tonic::Request::new(request),
     };
     let response = call(routing, request).await.map_err(|status| status::from_status(&status))?;
-    serde_json::to_value(response.into_inner()).map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
+    serde_json::to_value(response.into_inner())
+        .map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
 }
 
 fn nothing<T>(_: &mut T, _: &Params) -> Result<()> {
@@ -371,8 +374,12 @@ pub fn router(gateway: Gateway) -> axum::Router {
             router = router.route(path, method_router);
         }
     }
-    router.fallback(|| async {
-        error_response(&Error::new(ErrorCode::RouteNotFound, "no such API route; see /api/openapi.json for the list"))
-    })
-    .with_state(gateway)
+    router
+        .fallback(|| async {
+            error_response(&Error::new(
+                ErrorCode::RouteNotFound,
+                "no such API route; see /api/openapi.json for the list",
+            ))
+        })
+        .with_state(gateway)
 }

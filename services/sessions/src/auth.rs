@@ -24,12 +24,16 @@ pub fn credentials_from_headers(headers: &HeaderMap) -> Result<Option<wire::Auth
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value.to_str().map_err(|_| Error::new(ErrorCode::Unauthenticated, "the Authorization header is not ASCII"))?;
+    let value =
+        value.to_str().map_err(|_| Error::new(ErrorCode::Unauthenticated, "the Authorization header is not ASCII"))?;
     let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
     let act_as = headers.get(ACT_AS_HEADER).and_then(|value| value.to_str().ok()).unwrap_or_default().trim().to_owned();
     let application = |pair: &str| -> Result<Credentials> {
         let (application_id, application_key) = pair.split_once(':').ok_or_else(|| {
-            Error::new(ErrorCode::Unauthenticated, "application credentials must be `<application id>:<application key>`")
+            Error::new(
+                ErrorCode::Unauthenticated,
+                "application credentials must be `<application id>:<application key>`",
+            )
         })?;
         Ok(Credentials::Application(wire::ApplicationCredentials {
             application_id: application_id.to_owned(),
@@ -45,7 +49,9 @@ pub fn credentials_from_headers(headers: &HeaderMap) -> Result<Option<wire::Auth
                 .decode(rest.trim())
                 .ok()
                 .and_then(|bytes| String::from_utf8(bytes).ok())
-                .ok_or_else(|| Error::new(ErrorCode::Unauthenticated, "the Basic credentials are not valid base64 UTF-8"))?;
+                .ok_or_else(|| {
+                    Error::new(ErrorCode::Unauthenticated, "the Basic credentials are not valid base64 UTF-8")
+                })?;
             application(&decoded)?
         }
         other => {
@@ -59,8 +65,15 @@ pub fn credentials_from_headers(headers: &HeaderMap) -> Result<Option<wire::Auth
 }
 
 /// Verifies credentials through routing.
-pub async fn authenticate(routing: &Arc<dyn Routing>, request: wire::AuthenticateRequest) -> Result<(Caller, Option<wire::User>)> {
-    let authenticated = routing.authenticate(tonic::Request::new(request)).await.map_err(|status| status::from_status(&status))?.into_inner();
+pub async fn authenticate(
+    routing: &Arc<dyn Routing>,
+    request: wire::AuthenticateRequest,
+) -> Result<(Caller, Option<wire::User>)> {
+    let authenticated = routing
+        .authenticate(tonic::Request::new(request))
+        .await
+        .map_err(|status| status::from_status(&status))?
+        .into_inner();
     let caller = authenticated.caller.ok_or_else(|| Error::internal("authentication answered without a caller"))?;
     Ok((Caller::from_wire(caller)?, authenticated.user))
 }

@@ -65,7 +65,8 @@ pub struct Gateway {
 
 /// `/api/v1`, `/api/openapi.json` and `/ws`.
 pub fn router(gateway: Gateway) -> axum::Router {
-    let openapi = axum::Router::new().route("/api/openapi.json", axum::routing::get(|| async { axum::Json(openapi::document()) }));
+    let openapi = axum::Router::new()
+        .route("/api/openapi.json", axum::routing::get(|| async { axum::Json(openapi::document()) }));
     let websocket = axum::Router::new().route("/ws", axum::routing::get(ws::upgrade)).with_state(gateway.clone());
     api::router(gateway).merge(openapi).merge(websocket)
 }

@@ -50,7 +50,12 @@ fn enum_schema(enumeration: &EnumDescriptorProto) -> Value {
     json!({"type": "string", "enum": values})
 }
 
-fn collect_schemas(prefix: &str, messages: &[DescriptorProto], enums: &[EnumDescriptorProto], schemas: &mut Map<String, Value>) {
+fn collect_schemas(
+    prefix: &str,
+    messages: &[DescriptorProto],
+    enums: &[EnumDescriptorProto],
+    schemas: &mut Map<String, Value>,
+) {
     for enumeration in enums {
         schemas.insert(format!("{prefix}{}", enumeration.name()), enum_schema(enumeration));
     }
@@ -89,7 +94,10 @@ pub fn document() -> Value {
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
         parameters.extend(
-            route.query_parameters.iter().map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}})),
+            route
+                .query_parameters
+                .iter()
+                .map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}})),
         );
         let mut operation = json!({
             "operationId": route.operation,

@@ -61,12 +61,19 @@ pub async fn upgrade(State(gateway): State<Gateway>, upgrade: WebSocketUpgrade) 
 /// Decodes one client frame; `Ok(None)` for control frames.
 pub fn decode_frame(message: &WsMessage) -> Result<Option<(wire::ClientFrame, Encoding)>> {
     match message {
-        WsMessage::Text(text) => serde_json::from_str(text.as_str())
-            .map(|frame| Some((frame, Encoding::Json)))
-            .map_err(|error| Error::new(ErrorCode::MalformedRequest, format!("the text frame is not a ClientFrame in JSON: {error}"))),
-        WsMessage::Binary(bytes) => wire::ClientFrame::decode(bytes.as_ref())
-            .map(|frame| Some((frame, Encoding::Protobuf)))
-            .map_err(|error| Error::new(ErrorCode::MalformedRequest, format!("the binary frame is not a protobuf ClientFrame: {error}"))),
+        WsMessage::Text(text) => {
+            serde_json::from_str(text.as_str()).map(|frame| Some((frame, Encoding::Json))).map_err(|error| {
+                Error::new(ErrorCode::MalformedRequest, format!("the text frame is not a ClientFrame in JSON: {error}"))
+            })
+        }
+        WsMessage::Binary(bytes) => {
+            wire::ClientFrame::decode(bytes.as_ref()).map(|frame| Some((frame, Encoding::Protobuf))).map_err(|error| {
+                Error::new(
+                    ErrorCode::MalformedRequest,
+                    format!("the binary frame is not a protobuf ClientFrame: {error}"),
+                )
+            })
+        }
         _ => Ok(None),
     }
 }
@@ -97,7 +104,10 @@ fn error_frame(request_id: u64, error: &Error) -> wire::ServerFrame {
 
 /// Drains the queue into the socket; everything already queued goes out in
 /// one flush.
-async fn write_frames(mut sink: futures_util::stream::SplitSink<WebSocket, WsMessage>, mut queue: mpsc::Receiver<WsMessage>) {
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    mut queue: mpsc::Receiver<WsMessage>,
+) {
     while let Some(first) = queue.recv().await {
         let closing = matches!(first, WsMessage::Close(_));
         if sink.feed(first).await.is_err() {
@@ -147,14 +157,22 @@ impl Connection {
                 metrics::counter!("beseda_ws_slow_consumers_total").increment(1);
                 Err(Ending::Error(Error::new(
                     ErrorCode::SlowConsumer,
-                    format!("more than {} frames were waiting for this connection", self.gateway.config.send_queue_capacity),
+                    format!(
+                        "more than {} frames were waiting for this connection",
+                        self.gateway.config.send_queue_capacity
+                    ),
                 )))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Ending::ClientClosed),
         }
     }
 
-    async fn reply(&mut self, request_id: u64, encoding: Encoding, body: server_frame::Body) -> std::result::Result<(), Ending> {
+    async fn reply(
+        &mut self,
+        request_id: u64,
+        encoding: Encoding,
+        body: server_frame::Body,
+    ) -> std::result::Result<(), Ending> {
         let frame = Outgoing { frame: wire::ServerFrame { request_id, body: Some(body) }, encoding };
         self.queue.send(encode_frame(&frame)).await.map_err(|_| Ending::ClientClosed)
     }
@@ -168,7 +186,9 @@ impl Connection {
                 return Ok(());
             }
             let request = self.caller.request(wire::GetEventsRequest {
-                conversation: Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())) }),
+                conversation: Some(wire::ConversationRef {
+                    by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())),
+                }),
                 after_seq,
                 limit: 0,
             });
@@ -227,6 +247,14 @@ impl Connection {
                     self.on_conversation_event(conversation_event).await
                 }
                 Some(wire::bus_event::Kind::UserEvent(user_event)) => {
+                    if matches!(user_event.kind, Some(wire::user_event::Kind::Blocked(_)))
+                        && user_event.user_id == self.user_id
+                    {
+                        return Err(Ending::Error(Error::new(
+                            ErrorCode::UserBlocked,
+                            "the user was blocked by an administrator",
+                        )));
+                    }
                     self.push(server_frame::Body::UserEvent(user_event.clone()))
                 }
                 None => Ok(()),
@@ -236,14 +264,22 @@ impl Connection {
 
     async fn subscribe(&mut self, subscribe: wire::Subscribe) -> Result<server_frame::Body> {
         let request = self.caller.request(wire::GetConversationRequest { conversation: subscribe.conversation });
-        let conversation =
-            self.gateway.routing.get_conversation(request).await.map_err(|status| status::from_status(&status))?.into_inner();
+        let conversation = self
+            .gateway
+            .routing
+            .get_conversation(request)
+            .await
+            .map_err(|status| status::from_status(&status))?
+            .into_inner();
         let topic = Topic::Conversation {
             application_id: self.caller.application_id.clone(),
             conversation_id: conversation.id.clone(),
         };
         // Subscribe before reading the log, so nothing committed in between is missed.
-        self.streams.insert(StreamKey::Conversation(conversation.id.clone()), Box::pin(self.gateway.bus.subscribe(&topic).into_stream()));
+        self.streams.insert(
+            StreamKey::Conversation(conversation.id.clone()),
+            Box::pin(self.gateway.bus.subscribe(&topic).into_stream()),
+        );
         let start = if subscribe.after_seq == 0 { conversation.last_seq } else { subscribe.after_seq };
         self.conversations.insert(conversation.id.clone(), start);
         if let Err(ending) = self.replay(&conversation.id, None).await {
@@ -261,13 +297,20 @@ impl Connection {
         if watched + watch.user_ids.len() > self.gateway.config.max_presence_watches {
             return Err(Error::invalid(
                 "userIds",
-                format!("one connection may watch at most {} users' presence", self.gateway.config.max_presence_watches),
+                format!(
+                    "one connection may watch at most {} users' presence",
+                    self.gateway.config.max_presence_watches
+                ),
             ));
         }
         let mut users = Vec::with_capacity(watch.user_ids.len());
         for user_id in watch.user_ids {
-            let topic = Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
-            self.streams.insert(StreamKey::Presence(user_id.clone()), Box::pin(self.gateway.bus.subscribe(&topic).into_stream()));
+            let topic =
+                Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
+            self.streams.insert(
+                StreamKey::Presence(user_id.clone()),
+                Box::pin(self.gateway.bus.subscribe(&topic).into_stream()),
+            );
             let key = UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
             users.push(wire::Presence { online: self.gateway.registry.is_online(&key).await, user_id });
         }
@@ -282,7 +325,9 @@ impl Connection {
         let caller = self.caller.clone();
         let grpc = |status: tonic::Status| status::from_status(&status);
         Ok(match body {
-            In::Hello(_) => return Err(Error::new(ErrorCode::MalformedRequest, "Hello was already received on this connection")),
+            In::Hello(_) => {
+                return Err(Error::new(ErrorCode::MalformedRequest, "Hello was already received on this connection"));
+            }
             In::Subscribe(subscribe) => return self.subscribe(subscribe).await,
             In::Unsubscribe(unsubscribe) => {
                 self.streams.remove(&StreamKey::Conversation(unsubscribe.conversation_id.clone()));
@@ -291,28 +336,42 @@ impl Connection {
             }
             In::WatchPresence(watch) => return self.watch_presence(watch).await,
             In::Ping(ping) => Out::Pong(ping),
-            In::SendMessage(request) => Out::Message(routing.send_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::EditMessage(request) => Out::Message(routing.edit_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::DeleteMessage(request) => Out::Ok(routing.delete_message(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::GetMessages(request) => Out::Messages(routing.get_messages(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::MarkRead(request) => Out::UnreadCount(routing.mark_read(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::GetConversationList(request) => {
-                Out::Conversations(routing.get_conversation_list(caller.request(request)).await.map_err(grpc)?.into_inner())
+            In::SendMessage(request) => {
+                Out::Message(routing.send_message(caller.request(request)).await.map_err(grpc)?.into_inner())
             }
+            In::EditMessage(request) => {
+                Out::Message(routing.edit_message(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::DeleteMessage(request) => {
+                Out::Ok(routing.delete_message(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::GetMessages(request) => {
+                Out::Messages(routing.get_messages(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::MarkRead(request) => {
+                Out::UnreadCount(routing.mark_read(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::GetConversationList(request) => Out::Conversations(
+                routing.get_conversation_list(caller.request(request)).await.map_err(grpc)?.into_inner(),
+            ),
             In::GetConversation(request) => {
                 Out::Conversation(routing.get_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
             }
-            In::CreateConversation(request) => {
-                Out::Conversation(routing.create_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
-            }
-            In::UpdateConversation(request) => {
-                Out::Conversation(routing.update_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
-            }
+            In::CreateConversation(request) => Out::Conversation(
+                routing.create_conversation(caller.request(request)).await.map_err(grpc)?.into_inner(),
+            ),
+            In::UpdateConversation(request) => Out::Conversation(
+                routing.update_conversation(caller.request(request)).await.map_err(grpc)?.into_inner(),
+            ),
             In::LeaveConversation(request) => {
                 Out::Ok(routing.leave_conversation(caller.request(request)).await.map_err(grpc)?.into_inner())
             }
-            In::GetUsers(request) => Out::Users(routing.get_users(caller.request(request)).await.map_err(grpc)?.into_inner()),
-            In::SetWatchMode(request) => Out::WatchMode(routing.set_watch_mode(caller.request(request)).await.map_err(grpc)?.into_inner()),
+            In::GetUsers(request) => {
+                Out::Users(routing.get_users(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
+            In::SetWatchMode(request) => {
+                Out::WatchMode(routing.set_watch_mode(caller.request(request)).await.map_err(grpc)?.into_inner())
+            }
             In::SetDoNotDisturb(request) => {
                 Out::DoNotDisturb(routing.set_do_not_disturb(caller.request(request)).await.map_err(grpc)?.into_inner())
             }
@@ -324,17 +383,33 @@ impl Connection {
 }
 
 /// Reads the Hello and authenticates; answers Welcome or an error frame.
-async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Result<(Caller, wire::User, Encoding), (Error, Encoding)> {
+async fn greet(
+    gateway: &Gateway,
+    message: Option<WsMessage>,
+) -> std::result::Result<(Caller, wire::User, Encoding), (Error, Encoding)> {
     let Some(message) = message else {
         return Err((Error::new(ErrorCode::HelloRequired, "no Hello frame arrived in time"), Encoding::Json));
     };
     let (frame, encoding) = match decode_frame(&message) {
         Ok(Some(decoded)) => decoded,
-        Ok(None) => return Err((Error::new(ErrorCode::HelloRequired, "the first frame must be a Hello data frame"), Encoding::Json)),
-        Err(error) => return Err((error, if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json })),
+        Ok(None) => {
+            return Err((
+                Error::new(ErrorCode::HelloRequired, "the first frame must be a Hello data frame"),
+                Encoding::Json,
+            ));
+        }
+        Err(error) => {
+            return Err((
+                error,
+                if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json },
+            ));
+        }
     };
     let Some(client_frame::Body::Hello(hello)) = frame.body else {
-        return Err((Error::new(ErrorCode::HelloRequired, "the first frame must be Hello {protocolVersion, token}"), encoding));
+        return Err((
+            Error::new(ErrorCode::HelloRequired, "the first frame must be Hello {protocolVersion, token}"),
+            encoding,
+        ));
     };
     let supported = beseda_proto::MIN_PROTOCOL_VERSION..=beseda_proto::MAX_PROTOCOL_VERSION;
     if !supported.contains(&hello.protocol_version) {
@@ -358,8 +433,11 @@ async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Re
             encoding,
         ));
     }
-    let credentials = wire::AuthenticateRequest { credentials: Some(wire::authenticate_request::Credentials::UserToken(hello.token)) };
-    let (caller, user) = crate::auth::authenticate(&gateway.routing, credentials).await.map_err(|error| (error, encoding))?;
+    let credentials = wire::AuthenticateRequest {
+        credentials: Some(wire::authenticate_request::Credentials::UserToken(hello.token)),
+    };
+    let (caller, user) =
+        crate::auth::authenticate(&gateway.routing, credentials).await.map_err(|error| (error, encoding))?;
     let user = user.ok_or_else(|| (Error::internal("authentication returned no user"), encoding))?;
     Ok((caller, user, encoding))
 }
@@ -397,7 +475,8 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         Ok(greeted) => greeted,
         Err((error, encoding)) => {
             let _ = queue.send(encode_frame(&Outgoing { frame: error_frame(0, &error), encoding })).await;
-            let _ = queue.send(WsMessage::Close(Some(CloseFrame { code: 4000, reason: error.code.as_str().into() }))).await;
+            let _ =
+                queue.send(WsMessage::Close(Some(CloseFrame { code: 4000, reason: error.code.as_str().into() }))).await;
             drop(queue);
             let _ = writer.await;
             metrics::gauge!("beseda_ws_connections").decrement(1.0);
@@ -433,10 +512,12 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     match &ending {
         Ending::Error(error) => {
             let _ = queue.try_send(encode_frame(&Outgoing { frame: error_frame(0, error), encoding }));
-            let _ = queue.try_send(WsMessage::Close(Some(CloseFrame { code: 4001, reason: error.code.as_str().into() })));
+            let _ =
+                queue.try_send(WsMessage::Close(Some(CloseFrame { code: 4001, reason: error.code.as_str().into() })));
         }
         Ending::Shutdown => {
-            let reconnect = server_frame::Body::Reconnect(wire::Reconnect { reason: "the server is shutting down".into() });
+            let reconnect =
+                server_frame::Body::Reconnect(wire::Reconnect { reason: "the server is shutting down".into() });
             let _ = queue.try_send(encode_frame(&Outgoing {
                 frame: wire::ServerFrame { request_id: 0, body: Some(reconnect) },
                 encoding,
@@ -454,7 +535,10 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     metrics::gauge!("beseda_ws_connections").decrement(1.0);
 }
 
-async fn run_connection(connection: &mut Connection, stream: &mut futures_util::stream::SplitStream<WebSocket>) -> Ending {
+async fn run_connection(
+    connection: &mut Connection,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Ending {
     let config = connection.gateway.config.clone();
     let mut shutdown = connection.gateway.shutdown.clone();
     let mut ping = tokio::time::interval(config.ping_interval);
@@ -550,10 +634,7 @@ mod tests {
 
     #[test]
     fn json_and_protobuf_frames_carry_the_same_message() {
-        let frame = wire::ClientFrame {
-            request_id: 7,
-            body: Some(client_frame::Body::Ping(wire::Ping { nonce: 42 })),
-        };
+        let frame = wire::ClientFrame { request_id: 7, body: Some(client_frame::Body::Ping(wire::Ping { nonce: 42 })) };
         let json = serde_json::to_string(&frame).unwrap();
         let (from_json, _) = decode_frame(&WsMessage::Text(json.into())).unwrap().unwrap();
         let (from_binary, _) = decode_frame(&WsMessage::Binary(frame.encode_to_vec().into())).unwrap().unwrap();

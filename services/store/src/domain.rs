@@ -47,6 +47,11 @@ impl SqlStore {
         SqlStore { engine }
     }
 
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &dyn Engine {
+        self.engine.as_ref()
+    }
+
     fn auto(&self) -> Autocommit<'_> {
         Autocommit(self.engine.as_ref())
     }

@@ -179,14 +179,26 @@ fn as_params(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|value| value as &(dyn ToSql + Sync)).collect()
 }
 
+/// Prepared statements kept per connection. Filters and `IN` lists make
+/// many distinct statement texts, and deadpool's cache never evicts, so it is
+/// emptied when it reaches this size rather than growing without bound.
+const STATEMENT_CACHE_LIMIT: usize = 512;
+
+async fn prepare(client: &Object, sql: &str) -> DbResult<tokio_postgres::Statement> {
+    if client.statement_cache.size() >= STATEMENT_CACHE_LIMIT {
+        client.statement_cache.clear();
+    }
+    client.prepare_cached(sql).await.map_err(map_error)
+}
+
 async fn run_query(client: &Object, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
-    let statement = client.prepare_cached(sql).await.map_err(map_error)?;
+    let statement = prepare(client, sql).await?;
     let rows = client.query(&statement, &as_params(params)).await.map_err(map_error)?;
     rows.iter().map(convert_row).collect()
 }
 
 async fn run_execute(client: &Object, sql: &str, params: &[Value]) -> DbResult<u64> {
-    let statement = client.prepare_cached(sql).await.map_err(map_error)?;
+    let statement = prepare(client, sql).await?;
     client.execute(&statement, &as_params(params)).await.map_err(map_error)
 }
 
@@ -342,6 +354,45 @@ mod tests {
         assert!(check_schema_name("_x").is_ok());
         for bad in ["", "1abc", "a-b", "a\"; DROP SCHEMA public; --", &"a".repeat(64)] {
             assert!(check_schema_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// With one pooled connection, whatever runs after a dropped transaction
+    /// runs on the same session: it must see the rollback, not the open or
+    /// aborted transaction.
+    #[tokio::test]
+    async fn a_dropped_transaction_rolls_back_before_its_connection_is_reused() {
+        let Ok(url) = std::env::var("BESEDA_TEST_PG_URL") else {
+            eprintln!("skipped: BESEDA_TEST_PG_URL is not set");
+            return;
+        };
+        let schema = format!("beseda_unit_{}", uuid::Uuid::new_v4().simple());
+        let store = PostgresStore::connect_in_schema(&url, &schema, 1).await.expect("postgres is reachable");
+        let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+            let engine = store.core.engine();
+            let mut tx = engine.begin().await.unwrap();
+            tx.execute(
+                "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)",
+                &["s1".into(), "s1@example.com".into()],
+            )
+            .await
+            .unwrap();
+            drop(tx);
+            let rows = engine.query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+            assert_eq!(rows[0].int(0).unwrap(), 0);
+
+            let mut tx = engine.begin().await.unwrap();
+            assert!(tx.query("SELECT * FROM no_such_table", &[]).await.is_err());
+            drop(tx);
+            // An aborted transaction leaking into the pool would fail this.
+            let rows = engine.query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+            assert_eq!(rows[0].int(0).unwrap(), 0);
+        }))
+        .await;
+        drop(store);
+        PostgresStore::drop_schema(&url, &schema).await.unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
         }
     }
 

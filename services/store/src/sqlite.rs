@@ -409,6 +409,25 @@ mod tests {
         assert_eq!(failure("INSERT INTO t VALUES ('1', '2', 'x')"), DbError::Unique { constraint: "t_c_uq".into() });
     }
 
+    #[tokio::test]
+    async fn a_dropped_transaction_rolls_back_and_frees_the_connection() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let engine = store.core.engine();
+        let mut tx = engine.begin().await.unwrap();
+        tx.execute(
+            "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)",
+            &["s1".into(), "s1@example.com".into()],
+        )
+        .await
+        .unwrap();
+        drop(tx);
+        let rows = engine.query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+        assert_eq!(rows[0].int(0).unwrap(), 0);
+        // The connection is free again for a new transaction.
+        let tx = engine.begin().await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
     #[test]
     fn migrating_twice_applies_nothing_the_second_time() {
         let directory = tempfile::tempdir().unwrap();

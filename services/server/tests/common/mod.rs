@@ -82,7 +82,8 @@ impl TestServer {
         let response = request.send().await.expect("http request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         (status, value)
     }
 
@@ -271,7 +272,10 @@ impl Client {
         frame["requestId"] = json!(request_id.to_string());
         self.socket.send(WsMessage::Text(frame.to_string().into())).await.unwrap();
         loop {
-            let answer = tokio::time::timeout(WAIT, next_json(&mut self.socket)).await.expect("answer in time").expect("socket open");
+            let answer = tokio::time::timeout(WAIT, next_json(&mut self.socket))
+                .await
+                .expect("answer in time")
+                .expect("socket open");
             let answered = answer.get("requestId").and_then(|id| id.as_str()).map(|id| id == request_id.to_string());
             if answered == Some(true) {
                 return answer;
@@ -294,24 +298,33 @@ impl Client {
         tokio::time::timeout(WAIT, next_json(&mut self.socket)).await.expect("a push in time").expect("socket open")
     }
 
-    /// The next conversation event push, skipping user events.
-    pub async fn next_event(&mut self) -> Value {
-        loop {
-            let push = self.next_push().await;
-            if let Some(event) = push.get("event") {
-                return event.clone();
-            }
+    /// The first push (buffered or from the socket) for which `extract`
+    /// returns something; other pushes stay buffered, in order.
+    pub async fn next_matching(&mut self, extract: impl Fn(&Value) -> Option<Value>) -> Value {
+        if let Some(position) = self.pushes.iter().position(|push| extract(push).is_some()) {
+            let push = self.pushes.remove(position).unwrap();
+            return extract(&push).unwrap();
         }
+        loop {
+            let push = tokio::time::timeout(WAIT, next_json(&mut self.socket))
+                .await
+                .expect("a push in time")
+                .expect("socket open");
+            if let Some(found) = extract(&push) {
+                return found;
+            }
+            self.pushes.push_back(push);
+        }
+    }
+
+    /// The next conversation event push.
+    pub async fn next_event(&mut self) -> Value {
+        self.next_matching(|push| push.get("event").cloned()).await
     }
 
     /// The next user event push of the given kind ("notification", "unreadCount", ...).
     pub async fn next_user_event(&mut self, kind: &str) -> Value {
-        loop {
-            let push = self.next_push().await;
-            if let Some(event) = push.get("userEvent").and_then(|event| event.get(kind)) {
-                return event.clone();
-            }
-        }
+        self.next_matching(|push| push.get("userEvent").and_then(|event| event.get(kind)).cloned()).await
     }
 
     /// Asserts nothing of `kind` arrives within a short while.
