@@ -41,8 +41,11 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
         }
         StoreBackend::Postgres => {
             let url = config.store.postgres_url.as_deref().unwrap_or_default();
-            let store = PostgresStore::connect(url, config.store.pool_size)
-                .await
+            let store = match &config.store.postgres_schema {
+                Some(schema) => PostgresStore::connect_in_schema(url, schema, config.store.pool_size).await,
+                None => PostgresStore::connect(url, config.store.pool_size).await,
+            };
+            let store = store
                 .map_err(|error| anyhow::anyhow!("{error}"))
                 .context("cannot connect to PostgreSQL")?;
             let host = url.rsplit_once('@').map(|(_, host)| host).unwrap_or(url);

@@ -51,12 +51,15 @@ pub struct StoreSection {
     pub backend: StoreBackend,
     /// PostgreSQL URL, e.g. postgres://beseda@db:5432/beseda (backend = "postgres").
     pub postgres_url: Option<String>,
+    /// Schema to keep Beseda's tables in (created if missing); default: the
+    /// connection's search_path (normally `public`).
+    pub postgres_schema: Option<String>,
     pub pool_size: usize,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        StoreSection { backend: StoreBackend::Embedded, postgres_url: None, pool_size: 16 }
+        StoreSection { backend: StoreBackend::Embedded, postgres_url: None, postgres_schema: None, pool_size: 16 }
     }
 }
 
@@ -160,6 +163,7 @@ impl NodeConfig {
                     config.store.postgres_url = Some(value.clone());
                     config.store.backend = StoreBackend::Postgres;
                 }
+                "POSTGRES_SCHEMA" => config.store.postgres_schema = Some(value.clone()),
                 "STORE_POOL_SIZE" => config.store.pool_size = parse_env(name, value)?,
                 "SMTP_URL" => config.mail.smtp_url = Some(value.clone()),
                 "MAIL_FROM" => config.mail.from = value.clone(),

@@ -630,3 +630,29 @@ async fn edits_and_deletes_reach_subscribers_and_only_the_author_may_make_them()
         )
         .await;
 }
+
+#[tokio::test]
+async fn when_the_last_member_leaves_the_conversation_is_inaccessible_but_kept() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
+    let (bob_id, bob) = user(&server, &application, "b1", "Bob").await;
+    let conversation_id = group(&server, &application, "Temporary", &[&alice_id, &bob_id]).await;
+    let path = format!("/api/v1/conversations/{conversation_id}");
+    server.ok("POST", &format!("{path}/messages"), &alice, Some(json!({"text": "keep me"}))).await;
+
+    // Members may rename and add, but only privileged mode removes others.
+    server.ok("PATCH", &path, &bob, Some(json!({"title": "Renamed by Bob"}))).await;
+    server.fails("PATCH", &path, &bob, Some(json!({"removeMemberIds": [alice_id]})), "privileged_mode_required").await;
+
+    server.ok("POST", &format!("{path}/leave"), &alice, None).await;
+    server.fails("POST", &format!("{path}/messages"), &alice, Some(json!({"text": "back?"})), "not_a_member").await;
+    server.ok("POST", &format!("{path}/leave"), &bob, None).await;
+    server.fails("GET", &path, &bob, None, "not_a_member").await;
+
+    // The content is kept: the application still reads it.
+    let kept = server.ok("GET", &path, &application.privileged(), None).await;
+    assert!(kept.get("memberIds").is_none(), "no members left: {kept}");
+    let messages = server.ok("POST", &format!("{path}/messages/search"), &application.privileged(), Some(json!({}))).await;
+    assert_eq!(messages["messages"][0]["text"], "keep me");
+}

@@ -46,7 +46,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating it and its parent directory if needed) the database
-    /// file, in WAL mode with `synchronous = NORMAL`, and migrates it.
+    /// file, in WAL mode with `synchronous = FULL`, and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|error| {
@@ -54,8 +54,9 @@ impl SqliteStore {
             })?;
         }
         let connection = Connection::open(path).map_err(|error| Error::from(map_error(None, error)))?;
-        // WAL lets readers of other processes (backups) run beside the writer;
-        // NORMAL syncs at checkpoints only, which WAL keeps crash-safe.
+        // WAL lets readers of other processes (backups) run beside the writer.
+        // FULL syncs the WAL at every commit: what is acknowledged survives a
+        // power loss too, not only a process crash (NORMAL would not).
         let mode: String = connection
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(|error| Error::from(map_error(Some(&connection), error)))?;
@@ -63,7 +64,7 @@ impl SqliteStore {
             return Err(Error::internal(format!("sqlite refused wal journal mode (got {mode})")));
         }
         connection
-            .pragma_update(None, "synchronous", "NORMAL")
+            .pragma_update(None, "synchronous", "FULL")
             .map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         tracing::info!(path = %path.display(), "opened sqlite database");
         Self::from_connection(connection)

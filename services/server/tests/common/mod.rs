@@ -32,7 +32,22 @@ impl TestServer {
 
     /// Starts a node on an existing data directory (to test restarts).
     pub async fn start_in(data_dir: tempfile::TempDir) -> TestServer {
+        Self::start_with(data_dir, None).await
+    }
+
+    /// Starts a node on PostgreSQL, in its own schema of the database at `url`.
+    pub async fn start_on_postgres(url: &str, schema: &str) -> TestServer {
+        Self::start_with(tempfile::tempdir().expect("temporary directory"), Some((url.to_owned(), schema.to_owned()))).await
+    }
+
+    async fn start_with(data_dir: tempfile::TempDir, postgres: Option<(String, String)>) -> TestServer {
         let mut config = NodeConfig::default();
+        if let Some((url, schema)) = postgres {
+            config.store.backend = beseda::config::StoreBackend::Postgres;
+            config.store.postgres_url = Some(url);
+            config.store.postgres_schema = Some(schema);
+            config.store.pool_size = 4;
+        }
         config.server.data_dir = data_dir.path().to_owned();
         config.server.shutdown_grace_seconds = 2;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
