@@ -45,9 +45,7 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
                 Some(schema) => PostgresStore::connect_in_schema(url, schema, config.store.pool_size).await,
                 None => PostgresStore::connect(url, config.store.pool_size).await,
             };
-            let store = store
-                .map_err(|error| anyhow::anyhow!("{error}"))
-                .context("cannot connect to PostgreSQL")?;
+            let store = store.map_err(|error| anyhow::anyhow!("{error}")).context("cannot connect to PostgreSQL")?;
             let host = url.rsplit_once('@').map(|(_, host)| host).unwrap_or(url);
             Ok((Arc::new(store), format!("PostgreSQL {host}")))
         }

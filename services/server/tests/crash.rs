@@ -78,7 +78,8 @@ async fn acknowledged_messages_survive_a_kill_9_of_the_server() {
     let code = code_in(&beseda_routing::mail::latest_outbox_body(&outbox, "owner@example.com").unwrap());
     let mut complete = registration;
     complete["activationCode"] = json!(code);
-    let data: serde_json::Value = post("/api/v1/registration/complete".into(), None, None, complete).await.unwrap().json().await.unwrap();
+    let data: serde_json::Value =
+        post("/api/v1/registration/complete".into(), None, None, complete).await.unwrap().json().await.unwrap();
     let application = Application {
         id: data["applicationId"].as_str().unwrap().to_owned(),
         key: data["applicationKey"].as_str().unwrap().to_owned(),
@@ -108,7 +109,12 @@ async fn acknowledged_messages_survive_a_kill_9_of_the_server() {
             let mut acknowledged = Vec::new();
             for index in 0..10_000 {
                 let client_id = format!("s{sender}-{index}");
-                let response = http.post(&url).bearer_auth(&token).json(&json!({"text": client_id, "clientMessageId": client_id})).send().await;
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"text": client_id, "clientMessageId": client_id}))
+                    .send()
+                    .await;
                 match response {
                     Ok(response) if response.status().is_success() => acknowledged.push(client_id),
                     _ => break,
@@ -171,8 +177,12 @@ async fn acknowledged_messages_survive_a_kill_9_of_the_server() {
         .json()
         .await
         .unwrap();
-    let seqs: Vec<u64> =
-        events["events"].as_array().unwrap().iter().map(|event| event["seq"].as_str().unwrap().parse().unwrap()).collect();
+    let seqs: Vec<u64> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["seq"].as_str().unwrap().parse().unwrap())
+        .collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the event log has no gaps");
     println!("acknowledged before kill -9: {}, stored after restart: {}", acknowledged.len(), stored.len());
 }

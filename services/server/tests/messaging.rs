@@ -653,6 +653,7 @@ async fn when_the_last_member_leaves_the_conversation_is_inaccessible_but_kept()
     // The content is kept: the application still reads it.
     let kept = server.ok("GET", &path, &application.privileged(), None).await;
     assert!(kept.get("memberIds").is_none(), "no members left: {kept}");
-    let messages = server.ok("POST", &format!("{path}/messages/search"), &application.privileged(), Some(json!({}))).await;
+    let messages =
+        server.ok("POST", &format!("{path}/messages/search"), &application.privileged(), Some(json!({}))).await;
     assert_eq!(messages["messages"][0]["text"], "keep me");
 }

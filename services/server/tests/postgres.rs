@@ -54,12 +54,14 @@ async fn chat_resume_and_restart_work_on_postgresql() {
 
     // Phase 3: Bob resumes after seq 1 and gets exactly the two he missed.
     let mut bob = Client::connect(&server, &application.token("b1", "Bob")).await;
-    let subscribed = bob.request(json!({"subscribe": {"conversation": {"id": conversation_id}, "afterSeq": "1"}})).await;
+    let subscribed =
+        bob.request(json!({"subscribe": {"conversation": {"id": conversation_id}, "afterSeq": "1"}})).await;
     assert_eq!(subscribed["subscribed"]["lastSeq"], "3", "{subscribed}");
     assert_eq!(bob.next_event().await["messageCreated"]["text"], "two");
     assert_eq!(bob.next_event().await["messageCreated"]["text"], "three");
     let listed = server.ok("POST", &format!("{path}/search"), &alice, Some(json!({}))).await;
-    let texts: Vec<&str> = listed["messages"].as_array().unwrap().iter().map(|message| message["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> =
+        listed["messages"].as_array().unwrap().iter().map(|message| message["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["one", "two", "three"], "the retried send was stored once");
 
     server.stop().await;

@@ -37,7 +37,8 @@ impl TestServer {
 
     /// Starts a node on PostgreSQL, in its own schema of the database at `url`.
     pub async fn start_on_postgres(url: &str, schema: &str) -> TestServer {
-        Self::start_with(tempfile::tempdir().expect("temporary directory"), Some((url.to_owned(), schema.to_owned()))).await
+        Self::start_with(tempfile::tempdir().expect("temporary directory"), Some((url.to_owned(), schema.to_owned())))
+            .await
     }
 
     async fn start_with(data_dir: tempfile::TempDir, postgres: Option<(String, String)>) -> TestServer {

@@ -1,0 +1,99 @@
+//! Gateway behaviour over real sockets: presence, graceful shutdown, and
+//! the same session in protobuf binary frames.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn presence_follows_connections_of_watched_users() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (_, _) = user(&server, &application, "a1", "Alice").await;
+    let (bob_id, _) = user(&server, &application, "b1", "Bob").await;
+
+    let mut alice = Client::connect(&server, &application.token("a1", "Alice")).await;
+    let watched = alice.request(json!({"watchPresence": {"userIds": [bob_id]}})).await;
+    assert_eq!(watched["presence"]["users"][0]["userId"], bob_id.as_str(), "{watched}");
+    assert!(watched["presence"]["users"][0].get("online").is_none(), "Bob starts offline: {watched}");
+
+    // Bob's first connection brings him online; a second one changes nothing; the last one leaving takes him offline.
+    let bob = Client::connect(&server, &application.token("b1", "Bob")).await;
+    let online = alice.next_user_event("presence").await;
+    assert_eq!(online, json!({"userId": bob_id, "online": true}));
+    let second_bob = Client::connect(&server, &application.token("b1", "Bob")).await;
+    bob.close().await;
+    second_bob.close().await;
+    let offline = alice.next_user_event("presence").await;
+    assert_eq!(offline, json!({"userId": bob_id}), "offline: the false flag is omitted in canonical JSON");
+
+    // Health reports the registry's connection count.
+    let health = server.ok("GET", "/rs/health", &Auth::None, None).await;
+    assert_eq!(health["components"]["registry"]["connections"], 1, "{health}");
+    assert_eq!(health["mainDbOk"], true);
+}
+
+#[tokio::test]
+async fn shutdown_tells_connected_clients_to_reconnect_elsewhere() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    user(&server, &application, "a1", "Alice").await;
+    let mut alice = Client::connect(&server, &application.token("a1", "Alice")).await;
+    let stopping = tokio::spawn(server.stop());
+    let reconnect = alice.next_matching(|push| push.get("reconnect").cloned()).await;
+    assert!(reconnect["reason"].as_str().unwrap().contains("shutting down"), "{reconnect}");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_protocol_works_in_protobuf_binary_frames() {
+    use beseda_proto::v1::{self as wire, client_frame, server_frame};
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, _) = user(&server, &application, "a1", "Alice").await;
+    let conversation_id = group(&server, &application, "Binary", &[&alice_id]).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(&server.ws_url).await.unwrap();
+    let mut send =
+        async |frame: wire::ClientFrame| socket.send(WsMessage::Binary(frame.encode_to_vec().into())).await.unwrap();
+    send(wire::ClientFrame {
+        request_id: 1,
+        body: Some(client_frame::Body::Hello(wire::Hello {
+            protocol_version: 1,
+            token: application.token("a1", "Alice"),
+            client_name: "binary test".into(),
+        })),
+    })
+    .await;
+    send(wire::ClientFrame {
+        request_id: 2,
+        body: Some(client_frame::Body::SendMessage(wire::SendMessageRequest {
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id(conversation_id.clone())),
+            }),
+            text: "in protobuf".into(),
+            ..Default::default()
+        })),
+    })
+    .await;
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        match socket.next().await.unwrap().unwrap() {
+            WsMessage::Binary(bytes) => frames.push(wire::ServerFrame::decode(bytes.as_ref()).unwrap()),
+            WsMessage::Text(text) => panic!("a binary session got a text frame: {text}"),
+            _ => {}
+        }
+    }
+    assert!(
+        matches!(&frames[0].body, Some(server_frame::Body::Welcome(welcome)) if welcome.user.as_ref().unwrap().id == alice_id)
+    );
+    assert_eq!(frames[1].request_id, 2);
+    match &frames[1].body {
+        Some(server_frame::Body::Message(message)) => assert_eq!(message.text, "in protobuf"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
