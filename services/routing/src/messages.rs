@@ -210,11 +210,15 @@ impl RoutingService {
         };
         metrics::counter!("beseda_messages_stored_total").increment(1);
         self.publish_conversation_event(&caller.application_id, event).await;
-        let now = now_micros();
+        let notified: Vec<String> = outcome.unread.iter().map(|unread| unread.user_id.clone()).collect();
+        let silenced: std::collections::HashSet<String> = self
+            .store
+            .silenced_users(&caller.application_id, &conversation.id, &notified, now_micros())
+            .await?
+            .into_iter()
+            .collect();
         for unread in &outcome.unread {
-            let dnd =
-                self.store.get_do_not_disturb(&caller.application_id, &unread.user_id, Some(&conversation.id)).await?;
-            let silent = crate::notifications::is_silenced(&dnd, now);
+            let silent = silenced.contains(&unread.user_id);
             let preview: String = outcome.message.text.chars().take(200).collect();
             self.publish_user_event(
                 &caller.application_id,

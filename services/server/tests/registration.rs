@@ -526,6 +526,11 @@ async fn registration_data_and_application_info_tell_the_truth() {
     .await;
     let app = application.privileged();
 
+    // Before any user has authenticated, the application is registered but not usable.
+    let info = server.ok("GET", "/api/v1/application", &app, None).await;
+    assert_eq!(info["applicationId"], application.id.as_str());
+    assert!(flag(&info["registered"]) && !flag(&info["usageAvailable"]), "{info}");
+
     // GetRegistrationData returns what registration issued; users may not read the key.
     let data = server.ok("GET", "/api/v1/registration/data", &app, None).await;
     assert_eq!(data["applicationId"], application.id.as_str());
@@ -552,9 +557,7 @@ async fn registration_data_and_application_info_tell_the_truth() {
     // Checking data never disconnects anything.
     server.ok("GET", "/api/v1/application", &app, None).await;
 
-    // Usage becomes available once the application has a user.
-    let info = server.ok("GET", "/api/v1/application", &app, None).await;
-    assert!(flag(&info["registered"]) && !flag(&info["usageAvailable"]), "{info}");
+    // Usage became available once the application had a user (Alice, at her first authentication).
     let info = server.ok("GET", "/api/v1/application", &alice, None).await;
     assert_eq!(info["applicationId"], application.id.as_str());
     assert!(flag(&info["registered"]) && flag(&info["usageAvailable"]), "{info}");
@@ -806,22 +809,21 @@ async fn user_tokens_are_verified_and_users_are_created_and_refreshed_at_authent
         }
         sign_claims(&application.key, &claims)
     };
-    for (what, token) in [
-        ("another audience", claims(json!({"aud": "someone-else"}))),
-        ("no audience", claims(json!({"aud": null}))),
-        ("no subject", claims(json!({"sub": null}))),
-        ("an empty subject", claims(json!({"sub": "  "}))),
-        ("an empty name", claims(json!({"name": ""}))),
-        ("no expiry", claims(json!({"exp": null}))),
-        ("a name over 256 characters", claims(json!({"name": "x".repeat(257)}))),
-        ("garbage", "garbage".to_owned()),
-        ("three garbage parts", "a.b.c".to_owned()),
-        ("no issuer", claims(json!({"iss": null}))),
+    for (what, token, code) in [
+        ("another audience", claims(json!({"aud": "someone-else"})), "token_invalid"),
+        ("no audience", claims(json!({"aud": null})), "token_invalid"),
+        ("no subject", claims(json!({"sub": null})), "token_invalid"),
+        ("an empty subject", claims(json!({"sub": "  "})), "token_invalid"),
+        ("an empty name", claims(json!({"name": ""})), "token_invalid"),
+        ("no expiry", claims(json!({"exp": null})), "token_invalid"),
+        ("no issuer", claims(json!({"iss": null})), "token_invalid"),
+        ("garbage", "garbage".to_owned(), "token_invalid"),
+        ("three garbage parts", "a.b.c".to_owned(), "token_invalid"),
+        ("a name over 256 characters", claims(json!({"name": "x".repeat(257)})), "invalid_value"),
+        ("a name with control characters", claims(json!({"name": "Al\u{0}ice"})), "invalid_value"),
     ] {
-        let (status, body) = server.call("GET", "/api/v1/application", &Auth::Bearer(token), None).await;
-        assert!((400..500).contains(&status), "{what}: {status} {body}");
-        let code = body["error"]["code"].as_str().unwrap_or_default();
-        assert!(["token_invalid", "invalid_value"].contains(&code), "{what}: {body}");
+        let error = server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, code).await;
+        assert!(!error["message"].as_str().unwrap().is_empty(), "{what}: {error}");
     }
     // An unsigned token ("alg": "none") is never accepted.
     use base64::Engine;

@@ -1144,6 +1144,15 @@ pub async fn do_not_disturb_is_user_wide_or_per_conversation(store: &dyn Store) 
         store.get_do_not_disturb(app, "u2", Some("conv-1")).await.unwrap(),
         DoNotDisturbState { user_until: Some(30_000), conversation_until: None }
     );
+
+    // The batched form answers for a whole audience at a point in time.
+    store.set_do_not_disturb(app, "u3", Some("conv-2"), Some(40_000)).await.unwrap();
+    let audience: Vec<String> = ["u1", "u2", "u3", "u4"].map(String::from).to_vec();
+    assert_eq!(store.silenced_users(app, "conv-1", &audience, 20_000).await.unwrap(), ["u2"]);
+    assert_eq!(store.silenced_users(app, "conv-2", &audience, 20_000).await.unwrap(), ["u2", "u3"]);
+    assert_eq!(store.silenced_users(app, "conv-2", &audience, 35_000).await.unwrap(), ["u3"]);
+    assert!(store.silenced_users(app, "conv-2", &audience, 40_000).await.unwrap().is_empty(), "until is exclusive");
+    assert!(store.silenced_users(app, "conv-1", &[], 0).await.unwrap().is_empty());
 }
 
 // ---- tenant isolation

@@ -1069,6 +1069,26 @@ impl SqlStore {
         Ok(state)
     }
 
+    pub(crate) async fn silenced_users(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        user_ids: &[String],
+        now: Micros,
+    ) -> Result<Vec<String>> {
+        let mut silenced = HashSet::new();
+        for chunk in user_ids.chunks(CHUNK) {
+            let mut sql = SqlBuilder::new("SELECT DISTINCT user_id FROM do_not_disturb WHERE application_id = ");
+            sql.push_bind(application_id).push(" AND conversation_id IN ('', ");
+            sql.push_bind(conversation_id).push(") AND until_at > ");
+            sql.push_bind(now).push(" AND user_id IN ").push_in_list(chunk);
+            for row in self.engine.query(&sql.sql, &sql.params).await? {
+                silenced.insert(row.text(0)?);
+            }
+        }
+        Ok(user_ids.iter().filter(|id| silenced.contains(*id)).cloned().collect())
+    }
+
     pub(crate) async fn mark_read(
         &self,
         application_id: &str,
@@ -1704,6 +1724,15 @@ macro_rules! forward_store {
                 conversation_id: Option<&str>,
             ) -> Result<$crate::DoNotDisturbState> {
                 self.core.get_do_not_disturb(application_id, user_id, conversation_id).await
+            }
+            async fn silenced_users(
+                &self,
+                application_id: &str,
+                conversation_id: &str,
+                user_ids: &[String],
+                now: Micros,
+            ) -> Result<Vec<String>> {
+                self.core.silenced_users(application_id, conversation_id, user_ids, now).await
             }
             async fn mark_read(
                 &self,

@@ -262,6 +262,15 @@ pub trait Store: Send + Sync + 'static {
         user_id: &str,
         conversation_id: Option<&str>,
     ) -> Result<DoNotDisturbState>;
+    /// Of `user_ids`, those whose do-not-disturb (user-wide, or for this
+    /// conversation) lasts past `now`: one query for a whole audience.
+    async fn silenced_users(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        user_ids: &[String],
+        now: Micros,
+    ) -> Result<Vec<String>>;
     /// Marks the user's notifications in the conversation read up to and
     /// including `up_to_seq`; returns how many stay unread there.
     async fn mark_read(
