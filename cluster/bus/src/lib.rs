@@ -29,6 +29,8 @@ pub enum Topic {
     User { application_id: String, user_id: String },
     /// Online/offline changes of one user.
     Presence { application_id: String, user_id: String },
+    /// Events about the whole application (its credentials changed).
+    Application { application_id: String },
 }
 
 impl Topic {
@@ -40,6 +42,7 @@ impl Topic {
             }
             Topic::User { application_id, user_id } => format!("beseda.{application_id}.u.{user_id}"),
             Topic::Presence { application_id, user_id } => format!("beseda.{application_id}.p.{user_id}"),
+            Topic::Application { application_id } => format!("beseda.{application_id}.a"),
         }
     }
 }

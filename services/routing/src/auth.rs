@@ -142,6 +142,12 @@ impl RoutingService {
                     _ => token_invalid(format!("the user token is invalid: {error}")),
                 })?
                 .claims;
+        let now_seconds = beseda_core::model::now_micros() / 1_000_000;
+        if claims.iat > now_seconds + 60 {
+            return Err(token_invalid(
+                "the user token was issued in the future (iat); check the application server's clock",
+            ));
+        }
         if claims.exp - claims.iat > MAX_USER_TOKEN_LIFETIME_SECONDS {
             return Err(token_invalid(
                 "the user token lives longer than 24 hours (exp - iat); issue short-lived tokens",

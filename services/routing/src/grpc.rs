@@ -307,6 +307,7 @@ impl Routing for RoutingService {
                 infobase_user_id: non_empty(&filter.infobase_user_id),
                 matching_key: non_empty(&filter.matching_key),
                 include_blocked: filter.include_blocked,
+                exclude_guests: false,
             };
             self.get_users(&caller, query).await
         };

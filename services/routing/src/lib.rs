@@ -18,6 +18,7 @@ use beseda_proto::v1 as wire;
 use beseda_store::Store;
 use sha2::{Digest, Sha256};
 
+pub mod attempts;
 pub mod auth;
 pub mod caller;
 pub mod conversations;
@@ -50,11 +51,21 @@ pub struct RoutingService {
     bus: Arc<dyn Bus>,
     mailer: Arc<dyn mail::Mailer>,
     config: Arc<RoutingConfig>,
+    code_attempts: Arc<attempts::AttemptLimiter>,
 }
 
 impl RoutingService {
     pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, mailer: Arc<dyn mail::Mailer>, config: RoutingConfig) -> Self {
-        RoutingService { store, bus, mailer, config: Arc::new(config) }
+        RoutingService {
+            store,
+            bus,
+            mailer,
+            config: Arc::new(config),
+            code_attempts: Arc::new(attempts::AttemptLimiter::new(
+                attempts::MAX_WRONG_CODES,
+                std::time::Duration::from_secs(3600),
+            )),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -69,6 +80,18 @@ impl RoutingService {
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),
             kind: Some(wire::bus_event::Kind::ConversationEvent(convert::event_to_wire(event))),
+        };
+        self.bus.publish(&topic, bus_event).await;
+    }
+
+    /// Tells every connection of the application to authenticate again.
+    async fn publish_credentials_changed(&self, application_id: &str, reason: &str) {
+        let topic = Topic::Application { application_id: application_id.to_owned() };
+        let bus_event = wire::BusEvent {
+            application_id: application_id.to_owned(),
+            kind: Some(wire::bus_event::Kind::ApplicationCredentialsChanged(wire::ApplicationCredentialsChanged {
+                reason: reason.to_owned(),
+            })),
         };
         self.bus.publish(&topic, bus_event).await;
     }

@@ -161,6 +161,7 @@ impl RoutingService {
                 application.state = ApplicationState::Registered;
                 application.name = activation.application_name.clone();
                 self.store.update_application(&application).await?;
+                self.publish_credentials_changed(&application.id, "the application was registered again with new keys").await;
                 application
             }
             None => {
@@ -205,6 +206,7 @@ impl RoutingService {
         application.key = None;
         application.state = ApplicationState::Unregistered;
         self.store.update_application(&application).await?;
+        self.publish_credentials_changed(&application.id, "the application was unregistered").await;
         tracing::info!(application_id = %application.id, "application unregistered");
         Ok(())
     }
@@ -249,6 +251,7 @@ impl RoutingService {
                 application.key = None;
                 application.state = ApplicationState::Disconnected;
                 self.store.update_application(&application).await?;
+                self.publish_credentials_changed(&application.id, "the application was disconnected").await;
                 tracing::warn!(application_id = %application.id, "application disconnected irrevocably");
                 Ok(false)
             }
@@ -333,7 +336,14 @@ impl RoutingService {
                 subscriber.administration_key_hash.as_deref().is_some_and(|expected| expected == hash_secret(key))
             }
             SubscriberProof::TemporaryCode(code) => {
-                self.store.consume_temporary_code(&subscriber.id, &hash_secret(code), now_micros()).await?
+                self.code_attempts.check(&subscriber.email)?;
+                let accepted = self.store.consume_temporary_code(&subscriber.id, &hash_secret(code), now_micros()).await?;
+                if accepted {
+                    self.code_attempts.succeeded(&subscriber.email);
+                } else {
+                    self.code_attempts.failed(&subscriber.email);
+                }
+                accepted
             }
             SubscriberProof::Caller => true,
         };

@@ -258,8 +258,8 @@ impl RoutingService {
         if let Some(conversation_id) = &query.conversation_id {
             self.accessible_conversation(caller, conversation_id).await?;
         }
-        let hide_guests = !caller.privileged && query.kind != Some(UserKind::Guest);
-        let users = self.store.list_users(&caller.application_id, &query).await?;
-        Ok(users.into_iter().filter(|user| !(hide_guests && user.kind == UserKind::Guest)).collect())
+        // Guests are not offered as participants; filtering in the query keeps pages full.
+        query.exclude_guests = !caller.privileged && query.kind != Some(UserKind::Guest);
+        self.store.list_users(&caller.application_id, &query).await
     }
 }

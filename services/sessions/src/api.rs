@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection, RawPathParamsRejection};
 use axum::extract::{Query, RawPathParams, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,10 @@ use serde::de::DeserializeOwned;
 
 use crate::Gateway;
 use crate::http_error::{error_response, malformed};
+
+/// Largest request body: message data is at most 100 KB, which is about
+/// 137 KB in base64; a 1 MB ceiling leaves room for big member lists.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Who may call a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,12 +361,34 @@ pub fn router(gateway: Gateway) -> axum::Router {
     for (path, routes) in by_path {
         let mut method_router: Option<axum::routing::MethodRouter<Gateway>> = None;
         for route in routes {
+            // Rejections of the extractors become typed errors too, never
+            // axum's plain-text answers.
             let handler = move |State(gateway): State<Gateway>,
-                                path: RawPathParams,
-                                Query(query): Query<HashMap<String, String>>,
+                                path: Result<RawPathParams, RawPathParamsRejection>,
+                                query: Result<Query<HashMap<String, String>>, QueryRejection>,
                                 headers: HeaderMap,
-                                body: Bytes| async move {
-                let path = path.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
+                                body: Result<Bytes, BytesRejection>| async move {
+                let path = match path {
+                    Ok(path) => path.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
+                    Err(rejection) => return error_response(&malformed("path", rejection.body_text())),
+                };
+                let query = match query {
+                    Ok(Query(query)) => query,
+                    Err(rejection) => return error_response(&malformed("query string", rejection.body_text())),
+                };
+                let body = match body {
+                    Ok(body) => body,
+                    Err(rejection) => {
+                        return error_response(&Error::new(
+                            ErrorCode::MalformedRequest,
+                            format!(
+                                "the request body cannot be read ({}); bodies are at most {} bytes",
+                                rejection.body_text(),
+                                MAX_BODY_BYTES
+                            ),
+                        ));
+                    }
+                };
                 dispatch(gateway, route, path, query, headers, body).await
             };
             let filter = method_filter(&route.method);
@@ -375,11 +402,18 @@ pub fn router(gateway: Gateway) -> axum::Router {
         }
     }
     router
-        .fallback(|| async {
+        .fallback(|method: Method, uri: axum::http::Uri| async move {
             error_response(&Error::new(
                 ErrorCode::RouteNotFound,
-                "no such API route; see /api/openapi.json for the list",
+                format!("no API route {method} {}; see /api/openapi.json for the list", uri.path()),
             ))
         })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            error_response(&Error::new(
+                ErrorCode::RouteNotFound,
+                format!("{} has no {method} operation; see /api/openapi.json for the methods it takes", uri.path()),
+            ))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
 }

@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub send_queue_capacity: usize,
     /// Users one connection may watch the presence of.
     pub max_presence_watches: usize,
+    /// Conversations one connection may follow at once.
+    pub max_subscriptions: usize,
 }
 
 impl Default for GatewayConfig {
@@ -47,6 +49,7 @@ impl Default for GatewayConfig {
             hello_timeout: Duration::from_secs(10),
             send_queue_capacity: 1024,
             max_presence_watches: 1000,
+            max_subscriptions: 1000,
         }
     }
 }

@@ -44,6 +44,7 @@ struct Outgoing {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum StreamKey {
+    Application,
     User,
     Conversation(String),
     Presence(String),
@@ -257,12 +258,25 @@ impl Connection {
                     }
                     self.push(server_frame::Body::UserEvent(user_event.clone()))
                 }
+                Some(wire::bus_event::Kind::ApplicationCredentialsChanged(changed)) => Err(Ending::Error(Error::new(
+                    ErrorCode::ApplicationNotRegistered,
+                    format!("{}; connect again with a token signed by the current key", changed.reason),
+                ))),
                 None => Ok(()),
             },
         }
     }
 
     async fn subscribe(&mut self, subscribe: wire::Subscribe) -> Result<server_frame::Body> {
+        if self.conversations.len() >= self.gateway.config.max_subscriptions {
+            return Err(Error::invalid(
+                "conversation",
+                format!(
+                    "one connection follows at most {} conversations; unsubscribe from one first",
+                    self.gateway.config.max_subscriptions
+                ),
+            ));
+        }
         let request = self.caller.request(wire::GetConversationRequest { conversation: subscribe.conversation });
         let conversation = self
             .gateway
@@ -383,10 +397,15 @@ impl Connection {
 }
 
 /// Reads the Hello and authenticates; answers Welcome or an error frame.
-async fn greet(
-    gateway: &Gateway,
-    message: Option<WsMessage>,
-) -> std::result::Result<(Caller, wire::User, Encoding), (Error, Encoding)> {
+/// A welcomed connection: who, in which encoding, at which protocol version.
+struct Greeted {
+    caller: Caller,
+    user: wire::User,
+    encoding: Encoding,
+    protocol_version: u32,
+}
+
+async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Result<Greeted, (Error, Encoding)> {
     let Some(message) = message else {
         return Err((Error::new(ErrorCode::HelloRequired, "no Hello frame arrived in time"), Encoding::Json));
     };
@@ -439,7 +458,7 @@ async fn greet(
     let (caller, user) =
         crate::auth::authenticate(&gateway.routing, credentials).await.map_err(|error| (error, encoding))?;
     let user = user.ok_or_else(|| (Error::internal("authentication returned no user"), encoding))?;
-    Ok((caller, user, encoding))
+    Ok(Greeted { caller, user, encoding, protocol_version: hello.protocol_version })
 }
 
 async fn publish_presence(gateway: &Gateway, user: &UserKey, online: bool) {
@@ -471,7 +490,7 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     })
     .await
     .unwrap_or(None);
-    let (caller, user, encoding) = match greet(&gateway, first).await {
+    let Greeted { caller, user, encoding, protocol_version } = match greet(&gateway, first).await {
         Ok(greeted) => greeted,
         Err((error, encoding)) => {
             let _ = queue.send(encode_frame(&Outgoing { frame: error_frame(0, &error), encoding })).await;
@@ -498,8 +517,10 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     };
     let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
     connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).into_stream()));
+    let application_topic = Topic::Application { application_id: user_key.application_id.clone() };
+    connection.streams.insert(StreamKey::Application, Box::pin(gateway.bus.subscribe(&application_topic).into_stream()));
     let welcome = server_frame::Body::Welcome(wire::Welcome {
-        protocol_version: beseda_proto::MAX_PROTOCOL_VERSION,
+        protocol_version,
         server_version: beseda_routing::SERVER_VERSION.to_owned(),
         session_id: uuid::Uuid::new_v4().to_string(),
         user: Some(user),

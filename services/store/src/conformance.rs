@@ -45,6 +45,7 @@ macro_rules! conformance_suite {
             users_are_inserted_read_and_updated_with_unique_infobase_and_external_ids,
             subscriber_administrators_become_exactly_the_given_users,
             list_users_filters_and_pages_in_both_directions,
+            list_users_can_leave_guests_out_without_short_pages,
             conversations_enforce_key_and_context_uniqueness_and_are_found_by_both,
             concurrent_inserts_of_one_key_or_context_let_exactly_one_win,
             update_conversation_changes_members_and_logs_an_event_with_the_next_seq,
@@ -1153,6 +1154,20 @@ pub async fn do_not_disturb_is_user_wide_or_per_conversation(store: &dyn Store) 
     assert_eq!(store.silenced_users(app, "conv-2", &audience, 35_000).await.unwrap(), ["u3"]);
     assert!(store.silenced_users(app, "conv-2", &audience, 40_000).await.unwrap().is_empty(), "until is exclusive");
     assert!(store.silenced_users(app, "conv-1", &[], 0).await.unwrap().is_empty());
+}
+
+/// Guests filtered in the query, so a page of N holds N non-guests when
+/// that many exist.
+pub async fn list_users_can_leave_guests_out_without_short_pages(store: &dyn Store) {
+    let app = tenant(store).await;
+    for (id, kind) in [("g1", UserKind::Guest), ("r1", UserKind::Regular), ("g2", UserKind::Guest), ("r2", UserKind::Regular)] {
+        let user = User { id: id.to_owned(), ..User::new(kind, id.to_uppercase()) };
+        store.insert_user(&app, &user).await.unwrap();
+    }
+    let page = store.list_users(&app, &UserQuery { limit: 2, exclude_guests: true, ..Default::default() }).await.unwrap();
+    assert_eq!(page.iter().map(|user| user.id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
+    let everyone = store.list_users(&app, &UserQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(everyone.len(), 4);
 }
 
 // ---- tenant isolation

@@ -369,6 +369,9 @@ impl SqlStore {
         if !query.include_blocked {
             sql.push(" AND u.blocked = FALSE");
         }
+        if query.exclude_guests {
+            sql.push(" AND u.kind <> ").push_bind(UserKind::Guest.as_str());
+        }
         if !query.ids.is_empty() {
             sql.push(" AND u.id IN ").push_in_list(&query.ids);
         }

@@ -64,6 +64,8 @@ pub struct UserQuery {
     pub infobase_user_id: Option<String>,
     pub matching_key: Option<String>,
     pub include_blocked: bool,
+    /// Leave guest users out (they are not offered as participants).
+    pub exclude_guests: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
