@@ -97,3 +97,38 @@ async fn the_protocol_works_in_protobuf_binary_frames() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn unregistering_closes_the_applications_open_connections() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let other = server.register("other@example.com", "Other").await;
+    user(&server, &application, "a1", "Alice").await;
+    user(&server, &other, "o1", "Olga").await;
+    let mut alice = Client::connect(&server, &application.token("a1", "Alice")).await;
+    let mut olga = Client::connect(&server, &other.token("o1", "Olga")).await;
+    assert_eq!(alice.welcome["protocolVersion"], 1, "the negotiated version");
+
+    server.ok("DELETE", "/api/v1/registration", &application.privileged(), None).await;
+    let closing = alice.next_matching(|push| push.get("error").cloned()).await;
+    assert_eq!(closing["code"], "application_not_registered", "{closing}");
+    // Another application's connection is untouched.
+    let pong = olga.request(json!({"ping": {"nonce": "3"}})).await;
+    assert_eq!(pong["pong"]["nonce"], "3", "{pong}");
+}
+
+#[tokio::test]
+async fn a_token_issued_in_the_future_is_refused() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = json!({"iss": application.id, "aud": "beseda", "sub": "a1", "name": "Alice", "iat": now + 3600, "exp": now + 7200});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(application.key.as_bytes()),
+    )
+    .unwrap();
+    let error = server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, "token_invalid").await;
+    assert!(error["message"].as_str().unwrap().contains("clock"), "{error}");
+}
