@@ -38,7 +38,9 @@ impl AttemptLimiter {
             let wait_minutes = (self.window - since.elapsed()).as_secs().div_ceil(60);
             return Err(Error::new(
                 ErrorCode::TooManyAttempts,
-                format!("{count} wrong codes were given for {email}; try again in {wait_minutes} minutes with a new code"),
+                format!(
+                    "{count} wrong codes were given for {email}; try again in {wait_minutes} minutes with a new code"
+                ),
             ));
         }
         Ok(())

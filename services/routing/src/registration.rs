@@ -161,7 +161,8 @@ impl RoutingService {
                 application.state = ApplicationState::Registered;
                 application.name = activation.application_name.clone();
                 self.store.update_application(&application).await?;
-                self.publish_credentials_changed(&application.id, "the application was registered again with new keys").await;
+                self.publish_credentials_changed(&application.id, "the application was registered again with new keys")
+                    .await;
                 application
             }
             None => {
@@ -337,7 +338,8 @@ impl RoutingService {
             }
             SubscriberProof::TemporaryCode(code) => {
                 self.code_attempts.check(&subscriber.email)?;
-                let accepted = self.store.consume_temporary_code(&subscriber.id, &hash_secret(code), now_micros()).await?;
+                let accepted =
+                    self.store.consume_temporary_code(&subscriber.id, &hash_secret(code), now_micros()).await?;
                 if accepted {
                     self.code_attempts.succeeded(&subscriber.email);
                 } else {

@@ -21,7 +21,13 @@ struct Answer {
 }
 
 /// Sends exactly these bytes and headers, bypassing every JSON helper.
-async fn send_raw(server: &TestServer, method: &str, path: &str, headers: &[(&str, Vec<u8>)], body: Option<Vec<u8>>) -> Answer {
+async fn send_raw(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, Vec<u8>)],
+    body: Option<Vec<u8>>,
+) -> Answer {
     let client = reqwest::Client::new();
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let mut request = client.request(method, format!("{}{path}", server.base_url));
@@ -76,7 +82,12 @@ async fn fixture(server: &TestServer) -> Fixture {
     let (alice_id, alice) = user(server, &application, "alice-1", "Alice").await;
     let conversation_id = group(server, &application, "Team", &[&alice_id]).await;
     let sent = server
-        .ok("POST", &format!("/api/v1/conversations/{conversation_id}/messages"), &alice, Some(json!({"text": "the only message"})))
+        .ok(
+            "POST",
+            &format!("/api/v1/conversations/{conversation_id}/messages"),
+            &alice,
+            Some(json!({"text": "the only message"})),
+        )
         .await;
     Fixture { application, alice_id, conversation_id, message_id: sent["id"].as_str().unwrap().to_owned() }
 }
@@ -178,8 +189,16 @@ async fn malformed_json_bodies_get_malformed_request_and_change_nothing() {
         ("POST", &messages, json!({"text": "x", "textFormat": "TEXT_FORMAT_SHOUTING"})),
         ("POST", &messages, json!({"data": {"mimeType": "text/plain", "content": "not base64 at all!"}})),
         ("POST", &messages, json!({"text": "x", "buttons": "none"})),
-        ("POST", "/api/v1/registration/request", json!({"email": ["a@example.com"], "applicationName": "x", "applicationUserCount": 1})),
-        ("POST", "/api/v1/registration/request", json!({"email": "a@example.com", "applicationName": "x", "applicationUserCount": -5})),
+        (
+            "POST",
+            "/api/v1/registration/request",
+            json!({"email": ["a@example.com"], "applicationName": "x", "applicationUserCount": 1}),
+        ),
+        (
+            "POST",
+            "/api/v1/registration/request",
+            json!({"email": "a@example.com", "applicationName": "x", "applicationUserCount": -5}),
+        ),
         ("PUT", "/api/v1/registration/data", json!({"data": "everything"})),
         ("PUT", "/api/v1/subscriber/administrators", json!({"userIds": "all"})),
         ("PATCH", &user_path, json!({"updateMask": "name", "user": {"name": "x"}})),
@@ -253,15 +272,18 @@ async fn empty_and_huge_bodies_get_typed_errors() {
         }
     }
     // The ones where "nothing" cannot mean anything say what is missing.
-    for (path, code) in [
-        ("/api/v1/conversations".to_owned(), "field_required"),
-        (format!("/api/v1/conversations/{conversation}/messages"), "message_empty"),
-        ("/api/v1/registration/request".to_owned(), "application_has_no_users"),
-        ("/api/v1/conversations/by-context".to_owned(), "field_required"),
-        ("/api/v1/users".to_owned(), "field_required"),
-        ("/api/v1/subscriber/temporary-code".to_owned(), "field_required"),
+    let as_alice = [auth[0].clone(), ("x-beseda-act-as-user", fixture.alice_id.clone().into_bytes())];
+    for (path, credentials, code) in [
+        ("/api/v1/conversations".to_owned(), &auth[..], "field_required"),
+        (format!("/api/v1/conversations/{conversation}/messages"), &as_alice[..], "message_empty"),
+        // Privileged mode without a user must say who writes.
+        (format!("/api/v1/conversations/{conversation}/messages"), &auth[..], "field_required"),
+        ("/api/v1/registration/request".to_owned(), &auth[..], "application_has_no_users"),
+        ("/api/v1/conversations/by-context".to_owned(), &auth[..], "field_required"),
+        ("/api/v1/users".to_owned(), &auth[..], "field_required"),
+        ("/api/v1/subscriber/temporary-code".to_owned(), &auth[..], "field_required"),
     ] {
-        let answer = send_raw(&server, "POST", &path, &auth, Some(Vec::new())).await;
+        let answer = send_raw(&server, "POST", &path, credentials, Some(Vec::new())).await;
         assert_eq!(typed_error(&answer, &format!("POST {path} with an empty body")), code, "{}", answer.text);
     }
     server.ok("GET", "/api/v1/application", &fixture.application.privileged(), None).await;
@@ -269,30 +291,37 @@ async fn empty_and_huge_bodies_get_typed_errors() {
     // From here on nothing may change.
     let before = fixture.state(&server).await;
 
-    // About 2 MB of JSON: parsed, then refused by the product's limits.
+    // Big bodies the API still reads (under its 1 MiB limit) are refused by the product's limits.
     let messages = format!("/api/v1/conversations/{conversation}/messages");
-    let huge_text = json!({"text": "x".repeat(2_000_000)}).to_string().into_bytes();
-    let answer = send_raw(&server, "POST", &messages, &auth, Some(huge_text)).await;
-    assert_eq!(typed_error(&answer, "2 MB of text"), "text_too_long", "{}", answer.text);
-    let many_members: Vec<String> = (0..150_000).map(|index| format!("u{index}")).collect();
-    let huge_list =
+    let big_text = json!({"text": "x".repeat(900_000)}).to_string().into_bytes();
+    let answer = send_raw(&server, "POST", &messages, &as_alice, Some(big_text)).await;
+    assert_eq!(typed_error(&answer, "900 KB of text"), "text_too_long", "{}", answer.text);
+    let many_members: Vec<String> = (0..100_000).map(|index| format!("u{index}")).collect();
+    let big_list =
         json!({"conversation": {"title": "All", "group": true, "memberIds": many_members}}).to_string().into_bytes();
-    assert!(huge_list.len() > 1_500_000);
-    let answer = send_raw(&server, "POST", "/api/v1/conversations", &auth, Some(huge_list)).await;
-    assert_eq!(typed_error(&answer, "150,000 members"), "too_many_members", "{}", answer.text);
-    let huge_data = json!({"data": {"mimeType": "application/octet-stream", "content": base64::engine::general_purpose::STANDARD.encode(vec![7u8; 1_400_000])}});
-    let answer = send_raw(&server, "POST", &messages, &auth, Some(huge_data.to_string().into_bytes())).await;
-    assert_eq!(typed_error(&answer, "1.4 MB of data"), "data_too_large", "{}", answer.text);
-    // About 2 MB of bytes that are not JSON.
-    let noise: Vec<u8> = (0..2_000_000u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let answer = send_raw(&server, "POST", &messages, &auth, Some(noise)).await;
-    assert_eq!(typed_error(&answer, "2 MB of noise"), "malformed_request", "{}", answer.text);
-    // Beyond what the API buffers at all: still a typed JSON error, not a bare status.
-    for size in [2 * 1024 * 1024 + 1, 3_000_000, 8_000_000] {
+    assert!(big_list.len() > 800_000 && big_list.len() < 1_000_000, "{}", big_list.len());
+    let answer = send_raw(&server, "POST", "/api/v1/conversations", &auth, Some(big_list)).await;
+    assert_eq!(typed_error(&answer, "100,000 members"), "too_many_members", "{}", answer.text);
+    let big_data = json!({"data": {"mimeType": "application/octet-stream", "content": base64::engine::general_purpose::STANDARD.encode(vec![7u8; 700_000])}});
+    let answer = send_raw(&server, "POST", &messages, &as_alice, Some(big_data.to_string().into_bytes())).await;
+    assert_eq!(typed_error(&answer, "700 KB of data"), "data_too_large", "{}", answer.text);
+    let noise: Vec<u8> = (0..1_000_000u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let answer = send_raw(&server, "POST", &messages, &as_alice, Some(noise)).await;
+    assert_eq!(typed_error(&answer, "1 MB of noise"), "malformed_request", "{}", answer.text);
+
+    // Huge bodies (2 MB and more), JSON or noise: still a typed JSON error, not a bare status.
+    for size in [2_000_000, 2 * 1024 * 1024 + 1, 3_000_000, 8_000_000] {
         let body = json!({"text": "y".repeat(size)}).to_string().into_bytes();
-        let answer = send_raw(&server, "POST", &messages, &auth, Some(body)).await;
-        typed_error(&answer, &format!("a body of {size} bytes"));
+        let answer = send_raw(&server, "POST", &messages, &as_alice, Some(body)).await;
+        typed_error(&answer, &format!("a JSON body of {size} bytes"));
     }
+    let noise: Vec<u8> = (0..2_000_000u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let answer = send_raw(&server, "POST", &messages, &as_alice, Some(noise)).await;
+    typed_error(&answer, "2 MB of noise");
+    let members: Vec<String> = (0..200_000).map(|index| format!("member-{index}")).collect();
+    let body = json!({"conversation": {"title": "All", "group": true, "memberIds": members}}).to_string().into_bytes();
+    let answer = send_raw(&server, "POST", "/api/v1/conversations", &auth, Some(body)).await;
+    typed_error(&answer, "200,000 members in 2.8 MB");
 
     assert_healthy(&server).await;
     assert_eq!(fixture.state(&server).await, before, "huge bodies changed the application's data");
@@ -360,18 +389,38 @@ async fn bad_authorization_headers_get_typed_401s() {
         ("Digest", br#"Digest username="admin", realm="beseda", nonce="x""#.to_vec(), "unauthenticated"),
         ("Basic, not base64", b"Basic !!!not-base64!!!".to_vec(), "unauthenticated"),
         ("Basic without a colon", format!("Basic {}", encode(b"no-colon")).into_bytes(), "unauthenticated"),
-        ("Basic of invalid UTF-8", format!("Basic {}", encode(&[0xff, 0xfe, b':', 0x80])).into_bytes(), "unauthenticated"),
+        (
+            "Basic of invalid UTF-8",
+            format!("Basic {}", encode(&[0xff, 0xfe, b':', 0x80])).into_bytes(),
+            "unauthenticated",
+        ),
         ("Basic with nothing", b"Basic".to_vec(), "unauthenticated"),
-        ("Basic of an unknown application", format!("Basic {}", encode(b"who:knows")).into_bytes(), "application_not_registered"),
-        ("Basic with the wrong key", format!("Basic {}", encode(format!("{}:{}", application.id, "0".repeat(64)).as_bytes())).into_bytes(), "unauthenticated"),
-        ("Basic with an empty key", format!("Basic {}", encode(format!("{}:", application.id).as_bytes())).into_bytes(), "unauthenticated"),
+        (
+            "Basic of an unknown application",
+            format!("Basic {}", encode(b"who:knows")).into_bytes(),
+            "application_not_registered",
+        ),
+        (
+            "Basic with the wrong key",
+            format!("Basic {}", encode(format!("{}:{}", application.id, "0".repeat(64)).as_bytes())).into_bytes(),
+            "unauthenticated",
+        ),
+        (
+            "Basic with an empty key",
+            format!("Basic {}", encode(format!("{}:", application.id).as_bytes())).into_bytes(),
+            "unauthenticated",
+        ),
         ("Application without a colon", b"Application no-colon".to_vec(), "unauthenticated"),
         ("Bearer garbage", b"Bearer garbage".to_vec(), "token_invalid"),
         ("Bearer with nothing", b"Bearer".to_vec(), "token_invalid"),
         ("Bearer a.b.c", b"Bearer a.b.c".to_vec(), "token_invalid"),
         ("Bearer of JSON", br#"Bearer {"iss": "x"}"#.to_vec(), "token_invalid"),
         ("a 20 KB bearer", format!("Bearer {}", "x".repeat(20_000)).into_bytes(), "token_invalid"),
-        ("a bearer with a garbage payload", format!("Bearer e30.{}.sig", encode(b"\xff\xfe")).into_bytes(), "token_invalid"),
+        (
+            "a bearer with a garbage payload",
+            format!("Bearer e30.{}.sig", encode(b"\xff\xfe")).into_bytes(),
+            "token_invalid",
+        ),
         ("an empty header", Vec::new(), "unauthenticated"),
         ("only a scheme-less token", b"eyJhbGciOiJIUzI1NiJ9.e30.x".to_vec(), "unauthenticated"),
         ("an unknown scheme", b"Negotiate YIIB".to_vec(), "unauthenticated"),
@@ -390,14 +439,24 @@ async fn bad_authorization_headers_get_typed_401s() {
     // A garbage user to act as, with good credentials.
     let basic = basic_header(application);
     for act_as in [b"nobody".to_vec(), b"' OR 1=1 --".to_vec(), "x".repeat(5_000).into_bytes()] {
-        let answer = send_raw(&server, "GET", "/api/v1/application", &[basic.clone(), ("x-beseda-act-as-user", act_as)], None).await;
+        let answer =
+            send_raw(&server, "GET", "/api/v1/application", &[basic.clone(), ("x-beseda-act-as-user", act_as)], None)
+                .await;
         assert_eq!(typed_error(&answer, "a garbage act-as user"), "user_not_found", "{}", answer.text);
     }
     // The scheme is case-insensitive, and public routes ignore credentials.
     let token = application.token("alice-1", "Alice");
-    let answer = send_raw(&server, "GET", "/api/v1/application", &[("authorization", format!("bEaReR {token}").into_bytes())], None).await;
+    let answer = send_raw(
+        &server,
+        "GET",
+        "/api/v1/application",
+        &[("authorization", format!("bEaReR {token}").into_bytes())],
+        None,
+    )
+    .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
-    let answer = send_raw(&server, "GET", "/api/v1/server", &[("authorization", b"Digest nonsense".to_vec())], None).await;
+    let answer =
+        send_raw(&server, "GET", "/api/v1/server", &[("authorization", b"Digest nonsense".to_vec())], None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
 
     assert_healthy(&server).await;
@@ -430,7 +489,9 @@ async fn next(socket: &mut Socket) -> Next {
                 return Next::Json(serde_json::from_str(text.as_str()).expect("the server's text frames are JSON"));
             }
             Ok(Some(Ok(WsMessage::Binary(bytes)))) => {
-                return Next::Binary(wire::ServerFrame::decode(bytes.as_ref()).expect("the server's binary frames are ServerFrames"));
+                return Next::Binary(
+                    wire::ServerFrame::decode(bytes.as_ref()).expect("the server's binary frames are ServerFrames"),
+                );
             }
             Ok(Some(Ok(_))) => continue,
         }
@@ -449,7 +510,9 @@ async fn send_json(socket: &mut Socket, frame: Value) {
 fn error_code(next: &Next) -> Option<String> {
     match next {
         Next::Json(frame) => frame["error"]["code"].as_str().map(str::to_owned),
-        Next::Binary(wire::ServerFrame { body: Some(server_frame::Body::Error(error)), .. }) => Some(error.code.clone()),
+        Next::Binary(wire::ServerFrame { body: Some(server_frame::Body::Error(error)), .. }) => {
+            Some(error.code.clone())
+        }
         _ => None,
     }
 }
@@ -543,7 +606,8 @@ async fn unsupported_protocol_versions_are_refused_naming_the_supported_range() 
     for version in [0u64, 2, 99, 4_294_967_295] {
         let mut socket = open(&server).await;
         send_json(&mut socket, json!({"hello": {"protocolVersion": version, "token": token}})).await;
-        let error = expect_json_error(&next(&mut socket).await, "protocol_version_unsupported", &format!("version {version}"));
+        let error =
+            expect_json_error(&next(&mut socket).await, "protocol_version_unsupported", &format!("version {version}"));
         let message = error["message"].as_str().unwrap();
         assert!(message.contains(&format!("version {version}")), "names the client's version: {message}");
         assert!(message.contains("1 to 1"), "names the supported range: {message}");
@@ -560,7 +624,11 @@ async fn unsupported_protocol_versions_are_refused_naming_the_supported_range() 
     let mut socket = open(&server).await;
     let hello_zero = wire::ClientFrame {
         request_id: 1,
-        body: Some(client_frame::Body::Hello(wire::Hello { protocol_version: 0, token: token.clone(), client_name: String::new() })),
+        body: Some(client_frame::Body::Hello(wire::Hello {
+            protocol_version: 0,
+            token: token.clone(),
+            client_name: String::new(),
+        })),
     };
     send(&mut socket, WsMessage::Binary(hello_zero.encode_to_vec().into())).await;
     match next(&mut socket).await {
@@ -712,8 +780,10 @@ async fn hundreds_of_random_frames_get_only_error_frames() {
     let (_, token) = user_token(&server).await;
     let mut socket = hello(&server, &token).await;
     let mut random = Random(0x0bad_5eed_dead_beef);
-    let alphabet: Vec<char> = "{}[]\":,.-0123456789 abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\/\tюё€😀".chars().collect();
-    let words = ["\"ping\"", "\"nonce\"", "\"requestId\"", "\"hello\"", "{", "}", ":", "\"1\"", "\"subscribe\"", "null", ","];
+    let alphabet: Vec<char> =
+        "{}[]\":,.-0123456789 abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\/\tюё€😀".chars().collect();
+    let words =
+        ["\"ping\"", "\"nonce\"", "\"requestId\"", "\"hello\"", "{", "}", ":", "\"1\"", "\"subscribe\"", "null", ","];
 
     let mut errors = 0;
     let mut answered_requests = 0;
@@ -729,7 +799,8 @@ async fn hundreds_of_random_frames_get_only_error_frames() {
             // Random characters as a text frame.
             1 => {
                 let length = 1 + random.below(300) as usize;
-                let text: String = (0..length).map(|_| alphabet[random.below(alphabet.len() as u64) as usize]).collect();
+                let text: String =
+                    (0..length).map(|_| alphabet[random.below(alphabet.len() as u64) as usize]).collect();
                 let parses = serde_json::from_str::<wire::ClientFrame>(&text).ok();
                 (WsMessage::Text(text.into()), parses)
             }
@@ -791,14 +862,18 @@ async fn a_protobuf_hello_is_welcomed_and_answered_in_protobuf() {
     assert!(!welcome.server_version.is_empty() && !welcome.session_id.is_empty(), "{welcome:?}");
     let user = welcome.user.expect("the Welcome names the user");
     assert_eq!(user.name, "Alice");
-    let found = server.ok("POST", "/api/v1/users/search", &application.privileged(), Some(json!({"infobaseUserId": "alice-1"}))).await;
+    let found = server
+        .ok("POST", "/api/v1/users/search", &application.privileged(), Some(json!({"infobaseUserId": "alice-1"})))
+        .await;
     assert_eq!(found["users"][0]["id"], user.id.as_str());
 
     // A protobuf ping gets a protobuf pong with its request id and nonce.
     let ping = wire::ClientFrame { request_id: 7, body: Some(client_frame::Body::Ping(wire::Ping { nonce: 42 })) };
     send(&mut socket, WsMessage::Binary(ping.encode_to_vec().into())).await;
     match next(&mut socket).await {
-        Next::Binary(wire::ServerFrame { request_id: 7, body: Some(server_frame::Body::Pong(pong)) }) => assert_eq!(pong.nonce, 42),
+        Next::Binary(wire::ServerFrame { request_id: 7, body: Some(server_frame::Body::Pong(pong)) }) => {
+            assert_eq!(pong.nonce, 42)
+        }
         other => panic!("expected a protobuf pong, got {other:?}"),
     }
     // Garbage in protobuf is answered in protobuf, and the session goes on.
@@ -812,7 +887,9 @@ async fn a_protobuf_hello_is_welcomed_and_answered_in_protobuf() {
     let missing = wire::ClientFrame {
         request_id: 9,
         body: Some(client_frame::Body::GetConversation(wire::GetConversationRequest {
-            conversation: Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id("no-such-conversation".into())) }),
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id("no-such-conversation".into())),
+            }),
         })),
     };
     send(&mut socket, WsMessage::Binary(missing.encode_to_vec().into())).await;
@@ -827,7 +904,11 @@ async fn a_protobuf_hello_is_welcomed_and_answered_in_protobuf() {
     let mut refused = open(&server).await;
     let bad = wire::ClientFrame {
         request_id: 1,
-        body: Some(client_frame::Body::Hello(wire::Hello { protocol_version: 1, token: "garbage".into(), client_name: String::new() })),
+        body: Some(client_frame::Body::Hello(wire::Hello {
+            protocol_version: 1,
+            token: "garbage".into(),
+            client_name: String::new(),
+        })),
     };
     send(&mut refused, WsMessage::Binary(bad.encode_to_vec().into())).await;
     let answer = next(&mut refused).await;

@@ -44,7 +44,9 @@ impl Tenant {
         let group_id = group(server, &application, &format!("{tag} team"), &[&alice_id, &bob_id]).await;
         let create = |conversation: Value| {
             let app = app.clone();
-            async move { server.ok("POST", "/api/v1/conversations", &app, Some(json!({"conversation": conversation}))).await }
+            async move {
+                server.ok("POST", "/api/v1/conversations", &app, Some(json!({"conversation": conversation}))).await
+            }
         };
         let keyed = create(json!({"title": format!("{tag} shared"), "group": true, "key": "shared-key", "memberIds": [alice_id, bob_id]})).await;
         let context = create(json!({"title": format!("{tag} order"), "context": shared_order()})).await;
@@ -57,12 +59,24 @@ impl Tenant {
         let context_id = context["id"].as_str().unwrap().to_owned();
         let private_id = private["id"].as_str().unwrap().to_owned();
         for id in [&context_id, &private_id] {
-            server.ok("PUT", &format!("/api/v1/conversations/{id}/access"), &app, Some(json!({"grantUserIds": [alice_id]}))).await;
+            server
+                .ok(
+                    "PUT",
+                    &format!("/api/v1/conversations/{id}/access"),
+                    &app,
+                    Some(json!({"grantUserIds": [alice_id]})),
+                )
+                .await;
         }
         let mut message_ids = Vec::new();
         for id in [&group_id, &keyed_id, &context_id, &private_id] {
             let sent = server
-                .ok("POST", &format!("/api/v1/conversations/{id}/messages"), &alice, Some(json!({"text": format!("{tag} secret in {id}")})))
+                .ok(
+                    "POST",
+                    &format!("/api/v1/conversations/{id}/messages"),
+                    &alice,
+                    Some(json!({"text": format!("{tag} secret in {id}")})),
+                )
                 .await;
             message_ids.push(sent["id"].as_str().unwrap().to_owned());
         }
@@ -124,7 +138,9 @@ fn mentions(answer: &Value, id: &str) -> bool {
 }
 
 fn assert_mentions_none(answer: &Value, other: &Tenant, what: &str) {
-    for id in other.conversation_ids().into_iter().chain(other.user_ids()).chain(other.message_ids.iter().map(String::as_str)) {
+    for id in
+        other.conversation_ids().into_iter().chain(other.user_ids()).chain(other.message_ids.iter().map(String::as_str))
+    {
         assert!(!mentions(answer, id), "{what} leaks {id} of tenant {}: {answer}", other.tag);
     }
     assert!(!mentions(answer, &format!("{} secret", other.tag)), "{what} leaks tenant {}'s text: {answer}", other.tag);
@@ -137,7 +153,13 @@ fn list_len(answer: &Value, field: &str) -> usize {
 /// Percent-encodes a path segment completely, so nothing in it is read as path syntax.
 fn segment(raw: &str) -> String {
     raw.bytes()
-        .map(|byte| if byte.is_ascii_alphanumeric() || byte == b'-' { (byte as char).to_string() } else { format!("%{byte:02X}") })
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || byte == b'-' {
+                (byte as char).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
         .collect()
 }
 
@@ -150,7 +172,9 @@ fn administration_key(server: &TestServer, email: &str) -> String {
     let mut keys = Vec::new();
     for entry in std::fs::read_dir(&server.outbox).unwrap().flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if text.lines().any(|line| line.starts_with("To:") && line.contains(email)) && text.contains("administration key") {
+        if text.lines().any(|line| line.starts_with("To:") && line.contains(email))
+            && text.contains("administration key")
+        {
             keys.push(key_in(&text.replace("=\r\n", "").replace("=\n", "")));
         }
     }
@@ -185,32 +209,84 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
         let base = format!("/api/v1/conversations/{id}");
         for auth in every_a {
             server.fails("GET", &base, auth, None, "conversation_not_found").await;
-            server.fails("POST", &format!("{base}/messages"), auth, Some(json!({"text": "intrusion"})), "conversation_not_found").await;
             server
-                .fails("POST", &format!("{base}/messages"), auth, Some(json!({"text": "intrusion", "authorId": a.alice_id})), "conversation_not_found")
+                .fails(
+                    "POST",
+                    &format!("{base}/messages"),
+                    auth,
+                    Some(json!({"text": "intrusion"})),
+                    "conversation_not_found",
+                )
                 .await;
-            server.fails("POST", &format!("{base}/messages/search"), auth, Some(json!({})), "conversation_not_found").await;
+            server
+                .fails(
+                    "POST",
+                    &format!("{base}/messages"),
+                    auth,
+                    Some(json!({"text": "intrusion", "authorId": a.alice_id})),
+                    "conversation_not_found",
+                )
+                .await;
+            server
+                .fails("POST", &format!("{base}/messages/search"), auth, Some(json!({})), "conversation_not_found")
+                .await;
             server.fails("GET", &format!("{base}/events"), auth, None, "conversation_not_found").await;
-            server.fails("GET", &format!("{base}/events?afterSeq=0&limit=10"), auth, None, "conversation_not_found").await;
+            server
+                .fails("GET", &format!("{base}/events?afterSeq=0&limit=10"), auth, None, "conversation_not_found")
+                .await;
             server.fails("PATCH", &base, auth, Some(json!({"title": "taken over"})), "conversation_not_found").await;
-            server.fails("PATCH", &base, auth, Some(json!({"addMemberIds": [a.alice_id]})), "conversation_not_found").await;
-            server.fails("POST", "/api/v1/users/search", auth, Some(json!({"conversationId": id})), "conversation_not_found").await;
+            server
+                .fails("PATCH", &base, auth, Some(json!({"addMemberIds": [a.alice_id]})), "conversation_not_found")
+                .await;
+            server
+                .fails(
+                    "POST",
+                    "/api/v1/users/search",
+                    auth,
+                    Some(json!({"conversationId": id})),
+                    "conversation_not_found",
+                )
+                .await;
             let found = server.ok("POST", "/api/v1/conversations/search", auth, Some(json!({"ids": [id]}))).await;
             assert_eq!(list_len(&found, "conversations"), 0, "{found}");
         }
         for auth in a_with_user {
             server.fails("POST", &format!("{base}/read"), auth, Some(json!({})), "conversation_not_found").await;
             server.fails("POST", &format!("{base}/leave"), auth, None, "conversation_not_found").await;
-            server.fails("PUT", &format!("{base}/watch"), auth, Some(json!({"watch": false})), "conversation_not_found").await;
+            server
+                .fails("PUT", &format!("{base}/watch"), auth, Some(json!({"watch": false})), "conversation_not_found")
+                .await;
             server.fails("GET", &format!("{base}/watch"), auth, None, "conversation_not_found").await;
             server
-                .fails("PUT", "/api/v1/do-not-disturb", auth, Some(json!({"conversation": {"id": id}, "until": until})), "conversation_not_found")
+                .fails(
+                    "PUT",
+                    "/api/v1/do-not-disturb",
+                    auth,
+                    Some(json!({"conversation": {"id": id}, "until": until})),
+                    "conversation_not_found",
+                )
                 .await;
-            server.fails("GET", &format!("/api/v1/do-not-disturb?conversationId={id}"), auth, None, "conversation_not_found").await;
+            server
+                .fails(
+                    "GET",
+                    &format!("/api/v1/do-not-disturb?conversationId={id}"),
+                    auth,
+                    None,
+                    "conversation_not_found",
+                )
+                .await;
         }
         // Privileged mode names A's user for the per-user settings; still not B's conversation.
         let alice = &a.alice_id;
-        server.fails("PUT", &format!("{base}/watch"), &a_app, Some(json!({"watch": false, "userId": alice})), "conversation_not_found").await;
+        server
+            .fails(
+                "PUT",
+                &format!("{base}/watch"),
+                &a_app,
+                Some(json!({"watch": false, "userId": alice})),
+                "conversation_not_found",
+            )
+            .await;
         server.fails("GET", &format!("{base}/watch?userId={alice}"), &a_app, None, "conversation_not_found").await;
         server
             .fails(
@@ -222,10 +298,34 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
             )
             .await;
         for auth in [&a_app, &a_as] {
-            server.fails("PUT", &format!("{base}/access"), auth, Some(json!({"grantUserIds": [alice]})), "conversation_not_found").await;
-            server.fails("PUT", &format!("{base}/access"), auth, Some(json!({"allApplicationUsers": true})), "conversation_not_found").await;
+            server
+                .fails(
+                    "PUT",
+                    &format!("{base}/access"),
+                    auth,
+                    Some(json!({"grantUserIds": [alice]})),
+                    "conversation_not_found",
+                )
+                .await;
+            server
+                .fails(
+                    "PUT",
+                    &format!("{base}/access"),
+                    auth,
+                    Some(json!({"allApplicationUsers": true})),
+                    "conversation_not_found",
+                )
+                .await;
         }
-        server.fails("PUT", &format!("{base}/access"), &a_user, Some(json!({"grantUserIds": [alice]})), "privileged_mode_required").await;
+        server
+            .fails(
+                "PUT",
+                &format!("{base}/access"),
+                &a_user,
+                Some(json!({"grantUserIds": [alice]})),
+                "privileged_mode_required",
+            )
+            .await;
     }
 
     // B's messages, by id.
@@ -233,14 +333,30 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
     for id in &b.message_ids {
         for auth in every_a {
             server.fails("GET", &format!("/api/v1/messages/{id}"), auth, None, "message_not_found").await;
-            server.fails("PATCH", &format!("/api/v1/messages/{id}"), auth, Some(json!({"text": "edited by A"})), "message_not_found").await;
+            server
+                .fails(
+                    "PATCH",
+                    &format!("/api/v1/messages/{id}"),
+                    auth,
+                    Some(json!({"text": "edited by A"})),
+                    "message_not_found",
+                )
+                .await;
             server.fails("DELETE", &format!("/api/v1/messages/{id}"), auth, None, "message_not_found").await;
             // As a paging anchor in A's own conversation it is simply not there.
-            server.fails("POST", &format!("{a_messages}/search"), auth, Some(json!({"after": id})), "invalid_value").await;
+            server
+                .fails("POST", &format!("{a_messages}/search"), auth, Some(json!({"after": id})), "invalid_value")
+                .await;
         }
         for auth in a_with_user {
             server
-                .fails("POST", &format!("/api/v1/conversations/{}/read", a.group_id), auth, Some(json!({"upToMessageId": id})), "message_not_found")
+                .fails(
+                    "POST",
+                    &format!("/api/v1/conversations/{}/read", a.group_id),
+                    auth,
+                    Some(json!({"upToMessageId": id})),
+                    "message_not_found",
+                )
                 .await;
         }
     }
@@ -252,9 +368,17 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
         for auth in every_a {
             server.fails("GET", &format!("/api/v1/users/{id}"), auth, None, "user_not_found").await;
             server
-                .fails("PATCH", &format!("/api/v1/users/{id}"), auth, Some(json!({"updateMask": ["fullName"], "user": {"name": "x", "fullName": "Mallory"}})), "user_not_found")
+                .fails(
+                    "PATCH",
+                    &format!("/api/v1/users/{id}"),
+                    auth,
+                    Some(json!({"updateMask": ["fullName"], "user": {"name": "x", "fullName": "Mallory"}})),
+                    "user_not_found",
+                )
                 .await;
-            let found = server.ok("POST", "/api/v1/users/search", auth, Some(json!({"ids": [id], "includeBlocked": true}))).await;
+            let found = server
+                .ok("POST", "/api/v1/users/search", auth, Some(json!({"ids": [id], "includeBlocked": true})))
+                .await;
             assert_eq!(list_len(&found, "users"), 0, "{found}");
             server
                 .fails(
@@ -266,38 +390,110 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
                 )
                 .await;
             server
-                .fails("PATCH", &format!("/api/v1/conversations/{}", a.group_id), auth, Some(json!({"addMemberIds": [id]})), "user_not_found")
+                .fails(
+                    "PATCH",
+                    &format!("/api/v1/conversations/{}", a.group_id),
+                    auth,
+                    Some(json!({"addMemberIds": [id]})),
+                    "user_not_found",
+                )
                 .await;
         }
         server
-            .fails("PATCH", &format!("/api/v1/users/{id}"), &a_app, Some(json!({"updateMask": ["blocked"], "user": {"name": "x", "blocked": true}})), "user_not_found")
+            .fails(
+                "PATCH",
+                &format!("/api/v1/users/{id}"),
+                &a_app,
+                Some(json!({"updateMask": ["blocked"], "user": {"name": "x", "blocked": true}})),
+                "user_not_found",
+            )
             .await;
         for auth in a_with_user {
-            server.fails("POST", &a_messages, auth, Some(json!({"text": "psst", "recipientIds": [id]})), "user_not_found").await;
             server
-                .fails("POST", "/api/v1/conversations", auth, Some(json!({"conversation": {"group": false, "memberIds": [id]}})), "user_not_found")
+                .fails("POST", &a_messages, auth, Some(json!({"text": "psst", "recipientIds": [id]})), "user_not_found")
+                .await;
+            server
+                .fails(
+                    "POST",
+                    "/api/v1/conversations",
+                    auth,
+                    Some(json!({"conversation": {"group": false, "memberIds": [id]}})),
+                    "user_not_found",
+                )
                 .await;
         }
-        server.fails("POST", &a_messages, &a_app, Some(json!({"text": "forged", "authorId": id})), "user_not_found").await;
         server
-            .fails("PUT", &format!("/api/v1/conversations/{}/access", a.context_id), &a_app, Some(json!({"grantUserIds": [id]})), "user_not_found")
+            .fails("POST", &a_messages, &a_app, Some(json!({"text": "forged", "authorId": id})), "user_not_found")
             .await;
         server
-            .fails("PUT", &format!("/api/v1/conversations/{}/watch", a.group_id), &a_app, Some(json!({"watch": false, "userId": id})), "user_not_found")
+            .fails(
+                "PUT",
+                &format!("/api/v1/conversations/{}/access", a.context_id),
+                &a_app,
+                Some(json!({"grantUserIds": [id]})),
+                "user_not_found",
+            )
             .await;
-        server.fails("GET", &format!("/api/v1/conversations/{}/watch?userId={id}", a.group_id), &a_app, None, "user_not_found").await;
-        server.fails("PUT", "/api/v1/do-not-disturb", &a_app, Some(json!({"userId": id, "until": until})), "user_not_found").await;
+        server
+            .fails(
+                "PUT",
+                &format!("/api/v1/conversations/{}/watch", a.group_id),
+                &a_app,
+                Some(json!({"watch": false, "userId": id})),
+                "user_not_found",
+            )
+            .await;
+        server
+            .fails(
+                "GET",
+                &format!("/api/v1/conversations/{}/watch?userId={id}", a.group_id),
+                &a_app,
+                None,
+                "user_not_found",
+            )
+            .await;
+        server
+            .fails(
+                "PUT",
+                "/api/v1/do-not-disturb",
+                &a_app,
+                Some(json!({"userId": id, "until": until})),
+                "user_not_found",
+            )
+            .await;
         server.fails("GET", &format!("/api/v1/do-not-disturb?userId={id}"), &a_app, None, "user_not_found").await;
         let found = server.ok("POST", "/api/v1/conversations/search", &a_app, Some(json!({"memberId": id}))).await;
         assert_eq!(list_len(&found, "conversations"), 0, "{found}");
-        server.fails("POST", "/api/v1/conversations/search", &a_user, Some(json!({"memberId": id})), "privileged_mode_required").await;
+        server
+            .fails(
+                "POST",
+                "/api/v1/conversations/search",
+                &a_user,
+                Some(json!({"memberId": id})),
+                "privileged_mode_required",
+            )
+            .await;
         // Acting as B's user with A's key.
         server.fails("GET", "/api/v1/application", &a.application.acting_as(id), None, "user_not_found").await;
-        server.fails("GET", &format!("/api/v1/conversations/{}", b.group_id), &a.application.acting_as(id), None, "user_not_found").await;
+        server
+            .fails(
+                "GET",
+                &format!("/api/v1/conversations/{}", b.group_id),
+                &a.application.acting_as(id),
+                None,
+                "user_not_found",
+            )
+            .await;
         // Making B's user an administrator of A, with A's own administration key.
         let credential = json!({"subscriberEmail": a.application.email, "administrationKey": a_key});
         server
-            .fails("PUT", "/api/v1/subscriber/administrators", &a_app, Some(json!({"credential": credential, "userIds": [id]})), "user_not_found")
+            .fails(
+                "PUT",
+                "/api/v1/subscriber/administrators",
+                &a_app,
+                Some(json!({"credential": credential, "userIds": [id]})),
+                "user_not_found",
+            )
             .await;
     }
     // B's administration key does not administer A, nor A's key B.
@@ -326,7 +522,8 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
     for auth in every_a {
         let by_key = server.ok("GET", "/api/v1/conversations/by-key/shared-key", auth, None).await;
         assert_eq!(by_key["id"], a.keyed_id.as_str(), "{by_key}");
-        let by_context = server.ok("POST", "/api/v1/conversations/by-context", auth, Some(json!({"context": shared_order()}))).await;
+        let by_context =
+            server.ok("POST", "/api/v1/conversations/by-context", auth, Some(json!({"context": shared_order()}))).await;
         assert_eq!(by_context["id"], a.context_id.as_str(), "{by_context}");
         server.fails("GET", "/api/v1/conversations/by-key/B-only-key", auth, None, "conversation_not_found").await;
         server
@@ -338,8 +535,10 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
                 "conversation_not_found",
             )
             .await;
-        let found = server.ok("POST", "/api/v1/conversations/search", auth, Some(json!({"context": shared_order()}))).await;
-        let ids: Vec<&str> = found["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        let found =
+            server.ok("POST", "/api/v1/conversations/search", auth, Some(json!({"context": shared_order()}))).await;
+        let ids: Vec<&str> =
+            found["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
         assert_eq!(ids, [a.context_id.as_str()], "{found}");
         let found = server.ok("POST", "/api/v1/users/search", auth, Some(json!({"infobaseUserId": "alice-1"}))).await;
         let ids: Vec<&str> = found["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
@@ -358,8 +557,11 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
         server.fails("GET", "/api/v1/application", &mixed, None, "unauthenticated").await;
         server.fails("GET", &format!("/api/v1/conversations/{}", b.group_id), &mixed, None, "unauthenticated").await;
     }
-    let b_id_a_key_as_b_user =
-        Auth::Application { id: b.application.id.clone(), key: a.application.key.clone(), act_as: Some(b.alice_id.clone()) };
+    let b_id_a_key_as_b_user = Auth::Application {
+        id: b.application.id.clone(),
+        key: a.application.key.clone(),
+        act_as: Some(b.alice_id.clone()),
+    };
     server.fails("GET", "/api/v1/application", &b_id_a_key_as_b_user, None, "unauthenticated").await;
 
     // Lists of A never contain anything of B.
@@ -382,7 +584,8 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
         let unread = server.ok("GET", "/api/v1/unread", auth, None).await;
         assert_mentions_none(&unread, &b, "unread counts");
         for id in a.conversation_ids() {
-            let messages = server.ok("POST", &format!("/api/v1/conversations/{id}/messages/search"), auth, Some(json!({}))).await;
+            let messages =
+                server.ok("POST", &format!("/api/v1/conversations/{id}/messages/search"), auth, Some(json!({}))).await;
             assert_mentions_none(&messages, &b, "A's messages");
             let events = server.ok("GET", &format!("/api/v1/conversations/{id}/events"), auth, None).await;
             assert_mentions_none(&events, &b, "A's events");
@@ -391,7 +594,12 @@ async fn one_tenant_cannot_reach_another_tenants_conversations_messages_or_users
 
     // A key taken in B is free in A: keys are per application.
     let own = server
-        .ok("POST", "/api/v1/conversations", &a_app, Some(json!({"conversation": {"title": "A's own", "group": true, "key": "B-only-key"}})))
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &a_app,
+            Some(json!({"conversation": {"title": "A's own", "group": true, "key": "B-only-key"}})),
+        )
         .await;
     assert_ne!(own["id"], b.private_id.as_str());
     let theirs = server.ok("GET", "/api/v1/conversations/by-key/B-only-key", &b.application.privileged(), None).await;
@@ -441,11 +649,21 @@ async fn guessed_and_garbage_ids_find_nothing_and_break_nothing() {
         let id = segment(raw);
         for auth in [&a_user, &a_app] {
             server.fails("GET", &format!("/api/v1/conversations/{id}"), auth, None, "conversation_not_found").await;
-            server.fails("GET", &format!("/api/v1/conversations/by-key/{id}"), auth, None, "conversation_not_found").await;
             server
-                .fails("POST", &format!("/api/v1/conversations/{id}/messages"), auth, Some(json!({"text": "probe"})), "conversation_not_found")
+                .fails("GET", &format!("/api/v1/conversations/by-key/{id}"), auth, None, "conversation_not_found")
                 .await;
-            server.fails("GET", &format!("/api/v1/conversations/{id}/events"), auth, None, "conversation_not_found").await;
+            server
+                .fails(
+                    "POST",
+                    &format!("/api/v1/conversations/{id}/messages"),
+                    auth,
+                    Some(json!({"text": "probe"})),
+                    "conversation_not_found",
+                )
+                .await;
+            server
+                .fails("GET", &format!("/api/v1/conversations/{id}/events"), auth, None, "conversation_not_found")
+                .await;
             server.fails("GET", &format!("/api/v1/messages/{id}"), auth, None, "message_not_found").await;
             server.fails("DELETE", &format!("/api/v1/messages/{id}"), auth, None, "message_not_found").await;
             server.fails("GET", &format!("/api/v1/users/{id}"), auth, None, "user_not_found").await;
@@ -454,7 +672,12 @@ async fn guessed_and_garbage_ids_find_nothing_and_break_nothing() {
             let found = server.ok("POST", "/api/v1/conversations/search", auth, Some(json!({"ids": [raw]}))).await;
             assert_eq!(list_len(&found, "conversations"), 0, "{raw}: {found}");
             let (status, body) = server
-                .call("POST", "/api/v1/conversations/by-context", auth, Some(json!({"context": {"objectType": raw, "objectId": raw}})))
+                .call(
+                    "POST",
+                    "/api/v1/conversations/by-context",
+                    auth,
+                    Some(json!({"context": {"objectType": raw, "objectId": raw}})),
+                )
                 .await;
             assert!((400..500).contains(&status), "{raw}: {status} {body}");
             let code = body["error"]["code"].as_str().unwrap_or_default();
@@ -464,12 +687,28 @@ async fn guessed_and_garbage_ids_find_nothing_and_break_nothing() {
         let token = sign_token(raw, &a.application.key, "alice-1", "Alice", 600);
         let (status, body) = server.call("GET", "/api/v1/application", &Auth::Bearer(token), None).await;
         assert!((400..500).contains(&status), "{raw}: {status} {body}");
-        assert!(["application_not_registered", "token_invalid"].contains(&body["error"]["code"].as_str().unwrap_or_default()), "{raw}: {body}");
+        assert!(
+            ["application_not_registered", "token_invalid"]
+                .contains(&body["error"]["code"].as_str().unwrap_or_default()),
+            "{raw}: {body}"
+        );
         let printable = raw.chars().all(|c| c.is_ascii_graphic() || c == ' ');
         if printable && !raw.contains(':') {
-            server.fails("GET", "/api/v1/application", &basic(raw, &a.application.key), None, "application_not_registered").await;
+            server
+                .fails(
+                    "GET",
+                    "/api/v1/application",
+                    &basic(raw, &a.application.key),
+                    None,
+                    "application_not_registered",
+                )
+                .await;
             // As the user to act as.
-            let acting = Auth::Application { id: a.application.id.clone(), key: a.application.key.clone(), act_as: Some(raw.clone()) };
+            let acting = Auth::Application {
+                id: a.application.id.clone(),
+                key: a.application.key.clone(),
+                act_as: Some(raw.clone()),
+            };
             server.fails("GET", "/api/v1/application", &acting, None, "user_not_found").await;
         }
     }
@@ -540,7 +779,10 @@ async fn websocket_clients_never_see_another_tenants_conversations_events_or_pre
 
     // A cross-signed token does not get a session at all.
     let forged = sign_token(&b.application.id, &a.application.key, "alice-1", "Alice", 600);
-    let refused = Client::try_connect(&server, json!({"hello": {"protocolVersion": 1, "token": forged}})).await.err().expect("refused");
+    let refused = Client::try_connect(&server, json!({"hello": {"protocolVersion": 1, "token": forged}}))
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(refused["error"]["code"], "token_invalid", "{refused}");
 
     // Nothing of B changed.
@@ -550,7 +792,12 @@ async fn websocket_clients_never_see_another_tenants_conversations_events_or_pre
     let b_bob = b.application.user("bob-1", "Bob");
     for id in [&b.group_id, &b.keyed_id] {
         server
-            .ok("POST", &format!("/api/v1/conversations/{id}/messages"), &b_bob, Some(json!({"text": format!("B secret live in {id}")})))
+            .ok(
+                "POST",
+                &format!("/api/v1/conversations/{id}/messages"),
+                &b_bob,
+                Some(json!({"text": format!("B secret live in {id}")})),
+            )
             .await;
     }
     for _ in 0..2 {
@@ -619,8 +866,12 @@ async fn credentials_of_one_tenant_never_authenticate_as_the_other() {
     server.fails("GET", "/api/v1/application", &Auth::Bearer(edited), None, "token_invalid").await;
 
     // Application credentials: one tenant's id with the other's key.
-    server.fails("GET", "/api/v1/application", &basic(&b.application.id, &a.application.key), None, "unauthenticated").await;
-    server.fails("GET", "/api/v1/application", &basic(&a.application.id, &b.application.key), None, "unauthenticated").await;
+    server
+        .fails("GET", "/api/v1/application", &basic(&b.application.id, &a.application.key), None, "unauthenticated")
+        .await;
+    server
+        .fails("GET", "/api/v1/application", &basic(&a.application.id, &b.application.key), None, "unauthenticated")
+        .await;
     server.fails("GET", "/api/v1/application", &basic(&b.application.id, ""), None, "unauthenticated").await;
     // Acting as B's user with A's credentials.
     server.fails("GET", "/api/v1/application", &a.application.acting_as(&b.alice_id), None, "user_not_found").await;

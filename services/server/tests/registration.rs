@@ -847,3 +847,62 @@ async fn user_tokens_are_verified_and_users_are_created_and_refreshed_at_authent
         server.ok("POST", "/api/v1/users/search", &other.privileged(), Some(json!({"includeBlocked": true}))).await;
     assert_eq!(everyone["users"].as_array().map(Vec::len).unwrap_or(0), 0, "{everyone}");
 }
+
+#[tokio::test]
+async fn guessing_codes_is_cut_off_after_ten_wrong_ones() {
+    let server = TestServer::start().await;
+    let mut owner = Mailbox::open(&server, "owner@example.com");
+    let wrong_codes = |code: &str| -> Vec<String> {
+        let code: u32 = code.parse().unwrap();
+        (1..=10).map(|offset| format!("{:08}", (code + offset) % 100_000_000)).collect()
+    };
+
+    // Activation codes: ten wrong guesses for one address, then even the right code is refused.
+    let request = json!({"email": "owner@example.com", "applicationName": "Sales", "applicationUserCount": 5});
+    let code = request_code(&server, &mut owner, &request).await;
+    let mut complete = request.clone();
+    for wrong in wrong_codes(&code) {
+        complete["activationCode"] = json!(wrong);
+        server
+            .fails(
+                "POST",
+                "/api/v1/registration/complete",
+                &Auth::None,
+                Some(complete.clone()),
+                "activation_code_invalid",
+            )
+            .await;
+    }
+    complete["activationCode"] = json!(code);
+    let (status, body) = server.call("POST", "/api/v1/registration/complete", &Auth::None, Some(complete)).await;
+    assert_eq!(body["error"]["code"], "too_many_attempts", "{body}");
+    assert_eq!(status, 429);
+    owner.none(&server);
+    // Other addresses are not affected.
+    let other = server.register("other@example.com", "Warehouse").await;
+
+    // Temporary administration codes: the same.
+    let mut other_mail = Mailbox::open(&server, "other@example.com");
+    server
+        .ok(
+            "POST",
+            "/api/v1/subscriber/temporary-code",
+            &Auth::None,
+            Some(json!({"subscriberEmail": "other@example.com"})),
+        )
+        .await;
+    let code = code_in(&other_mail.one(&server, TEMPORARY_CODE));
+    let (alice_id, _) = user(&server, &other, "alice-1", "Alice").await;
+    let with_code = |code: &str| json!({"credential": {"subscriberEmail": "other@example.com", "temporaryCode": code}, "userIds": [alice_id]});
+    let administrators = "/api/v1/subscriber/administrators";
+    for wrong in wrong_codes(&code) {
+        server
+            .fails("PUT", administrators, &other.privileged(), Some(with_code(&wrong)), "subscriber_credential_invalid")
+            .await;
+    }
+    let (status, body) = server.call("PUT", administrators, &other.privileged(), Some(with_code(&code))).await;
+    assert_eq!(body["error"]["code"], "too_many_attempts", "{body}");
+    assert_eq!(status, 429);
+    let listed = server.ok("GET", administrators, &other.privileged(), None).await;
+    assert_eq!(listed["userIds"].as_array().map(Vec::len).unwrap_or(0), 0, "nobody became an administrator: {listed}");
+}

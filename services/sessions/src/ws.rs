@@ -518,7 +518,9 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
     connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).into_stream()));
     let application_topic = Topic::Application { application_id: user_key.application_id.clone() };
-    connection.streams.insert(StreamKey::Application, Box::pin(gateway.bus.subscribe(&application_topic).into_stream()));
+    connection
+        .streams
+        .insert(StreamKey::Application, Box::pin(gateway.bus.subscribe(&application_topic).into_stream()));
     let welcome = server_frame::Body::Welcome(wire::Welcome {
         protocol_version,
         server_version: beseda_routing::SERVER_VERSION.to_owned(),

@@ -1160,11 +1160,14 @@ pub async fn do_not_disturb_is_user_wide_or_per_conversation(store: &dyn Store) 
 /// that many exist.
 pub async fn list_users_can_leave_guests_out_without_short_pages(store: &dyn Store) {
     let app = tenant(store).await;
-    for (id, kind) in [("g1", UserKind::Guest), ("r1", UserKind::Regular), ("g2", UserKind::Guest), ("r2", UserKind::Regular)] {
+    for (id, kind) in
+        [("g1", UserKind::Guest), ("r1", UserKind::Regular), ("g2", UserKind::Guest), ("r2", UserKind::Regular)]
+    {
         let user = User { id: id.to_owned(), ..User::new(kind, id.to_uppercase()) };
         store.insert_user(&app, &user).await.unwrap();
     }
-    let page = store.list_users(&app, &UserQuery { limit: 2, exclude_guests: true, ..Default::default() }).await.unwrap();
+    let page =
+        store.list_users(&app, &UserQuery { limit: 2, exclude_guests: true, ..Default::default() }).await.unwrap();
     assert_eq!(page.iter().map(|user| user.id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
     let everyone = store.list_users(&app, &UserQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(everyone.len(), 4);

@@ -37,8 +37,11 @@ const MESSAGE_COLUMNS: &str = "m.id, m.conversation_id, m.seq, m.author_id, m.se
 const BUMP_SEQ: &str =
     "UPDATE conversations SET last_seq = last_seq + 1 WHERE application_id = $1 AND id = $2 RETURNING last_seq";
 
-/// The domain operations over one engine.
-pub(crate) struct SqlStore {
+/// [`Store`](crate::Store) over an SQL engine: the one implementation of
+/// every domain operation. [`SqliteStore`](crate::sqlite::SqliteStore) and
+/// [`PostgresStore`](crate::postgres::PostgresStore) name this type with
+/// their engine's constructors.
+pub struct SqlStore {
     engine: Box<dyn Engine>,
 }
 
@@ -55,10 +58,13 @@ impl SqlStore {
     fn auto(&self) -> Autocommit<'_> {
         Autocommit(self.engine.as_ref())
     }
+}
 
+#[async_trait::async_trait]
+impl crate::Store for SqlStore {
     // ---- subscribers and applications
 
-    pub(crate) async fn upsert_subscriber(&self, email: &str) -> Result<Subscriber> {
+    async fn upsert_subscriber(&self, email: &str) -> Result<Subscriber> {
         let email = email.to_lowercase();
         self.engine
             .execute(
@@ -72,19 +78,19 @@ impl SqlStore {
             .ok_or_else(|| Error::internal("subscriber vanished right after its upsert"))
     }
 
-    pub(crate) async fn get_subscriber(&self, subscriber_id: &str) -> Result<Option<Subscriber>> {
+    async fn get_subscriber(&self, subscriber_id: &str) -> Result<Option<Subscriber>> {
         let sql = format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = $1");
         let rows = self.engine.query(&sql, &[subscriber_id.into()]).await?;
         rows.first().map(subscriber_from_row).transpose()
     }
 
-    pub(crate) async fn get_subscriber_by_email(&self, email: &str) -> Result<Option<Subscriber>> {
+    async fn get_subscriber_by_email(&self, email: &str) -> Result<Option<Subscriber>> {
         let sql = format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE email = $1");
         let rows = self.engine.query(&sql, &[email.to_lowercase().into()]).await?;
         rows.first().map(subscriber_from_row).transpose()
     }
 
-    pub(crate) async fn set_administration_key_hash(&self, subscriber_id: &str, key_hash: &str) -> Result<()> {
+    async fn set_administration_key_hash(&self, subscriber_id: &str, key_hash: &str) -> Result<()> {
         let changed = self
             .engine
             .execute(
@@ -98,7 +104,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn change_subscriber_email(&self, subscriber_id: &str, new_email: &str) -> Result<()> {
+    async fn change_subscriber_email(&self, subscriber_id: &str, new_email: &str) -> Result<()> {
         let result = self
             .engine
             .execute(
@@ -116,12 +122,7 @@ impl SqlStore {
         }
     }
 
-    pub(crate) async fn put_temporary_code(
-        &self,
-        subscriber_id: &str,
-        code_hash: &str,
-        expires_at: Micros,
-    ) -> Result<()> {
+    async fn put_temporary_code(&self, subscriber_id: &str, code_hash: &str, expires_at: Micros) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         // Expired codes are useless; dropping them here keeps the table small
         // without a background job.
@@ -140,12 +141,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn consume_temporary_code(
-        &self,
-        subscriber_id: &str,
-        code_hash: &str,
-        now: Micros,
-    ) -> Result<bool> {
+    async fn consume_temporary_code(&self, subscriber_id: &str, code_hash: &str, now: Micros) -> Result<bool> {
         // One DELETE is atomic in both engines: of two concurrent consumers
         // only one sees a deleted row.
         let deleted = self
@@ -158,7 +154,7 @@ impl SqlStore {
         Ok(deleted == 1)
     }
 
-    pub(crate) async fn put_pending_activation(&self, activation: &PendingActivation) -> Result<()> {
+    async fn put_pending_activation(&self, activation: &PendingActivation) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         tx.execute("DELETE FROM pending_activations WHERE expires_at <= $1", &[now_micros().into()]).await?;
         tx.execute(
@@ -178,7 +174,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn take_pending_activation(
+    async fn take_pending_activation(
         &self,
         email: &str,
         code_hash: &str,
@@ -215,7 +211,7 @@ impl SqlStore {
         Ok(Some(activation))
     }
 
-    pub(crate) async fn insert_application(&self, application: &Application) -> Result<()> {
+    async fn insert_application(&self, application: &Application) -> Result<()> {
         self.engine
             .execute(
                 "INSERT INTO applications (id, subscriber_id, name, application_key, state, created_at) \
@@ -233,13 +229,13 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn get_application(&self, application_id: &str) -> Result<Option<Application>> {
+    async fn get_application(&self, application_id: &str) -> Result<Option<Application>> {
         let sql = format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE id = $1");
         let rows = self.engine.query(&sql, &[application_id.into()]).await?;
         rows.first().map(application_from_row).transpose()
     }
 
-    pub(crate) async fn update_application(&self, application: &Application) -> Result<()> {
+    async fn update_application(&self, application: &Application) -> Result<()> {
         let changed = self
             .engine
             .execute(
@@ -264,7 +260,7 @@ impl SqlStore {
 
     // ---- users
 
-    pub(crate) async fn insert_user(&self, application_id: &str, user: &User) -> Result<()> {
+    async fn insert_user(&self, application_id: &str, user: &User) -> Result<()> {
         let result = self
             .engine
             .execute(
@@ -297,13 +293,13 @@ impl SqlStore {
         result.map(drop).map_err(user_write_error)
     }
 
-    pub(crate) async fn get_user(&self, application_id: &str, user_id: &str) -> Result<Option<User>> {
+    async fn get_user(&self, application_id: &str, user_id: &str) -> Result<Option<User>> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users u WHERE u.application_id = $1 AND u.id = $2");
         let rows = self.engine.query(&sql, &[application_id.into(), user_id.into()]).await?;
         rows.first().map(user_from_row).transpose()
     }
 
-    pub(crate) async fn get_users(&self, application_id: &str, user_ids: &[String]) -> Result<Vec<User>> {
+    async fn get_users(&self, application_id: &str, user_ids: &[String]) -> Result<Vec<User>> {
         let mut found = HashMap::new();
         for chunk in user_ids.chunks(CHUNK) {
             let mut sql = SqlBuilder::new(&format!("SELECT {USER_COLUMNS} FROM users u WHERE u.application_id = "));
@@ -317,17 +313,13 @@ impl SqlStore {
         Ok(user_ids.iter().filter_map(|id| found.remove(id)).collect())
     }
 
-    pub(crate) async fn get_user_by_infobase_id(
-        &self,
-        application_id: &str,
-        infobase_user_id: &str,
-    ) -> Result<Option<User>> {
+    async fn get_user_by_infobase_id(&self, application_id: &str, infobase_user_id: &str) -> Result<Option<User>> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users u WHERE u.application_id = $1 AND u.infobase_user_id = $2");
         let rows = self.engine.query(&sql, &[application_id.into(), infobase_user_id.into()]).await?;
         rows.first().map(user_from_row).transpose()
     }
 
-    pub(crate) async fn update_user(&self, application_id: &str, user: &User) -> Result<()> {
+    async fn update_user(&self, application_id: &str, user: &User) -> Result<()> {
         let result = self
             .engine
             .execute(
@@ -362,7 +354,7 @@ impl SqlStore {
         }
     }
 
-    pub(crate) async fn list_users(&self, application_id: &str, query: &UserQuery) -> Result<Vec<User>> {
+    async fn list_users(&self, application_id: &str, query: &UserQuery) -> Result<Vec<User>> {
         let mut sql = SqlBuilder::new(&format!("SELECT {USER_COLUMNS} FROM users u WHERE u.application_id = "));
         let app = sql.bind(application_id);
         sql.push(&app);
@@ -421,13 +413,13 @@ impl SqlStore {
         rows.iter().map(user_from_row).collect()
     }
 
-    pub(crate) async fn count_users(&self, application_id: &str) -> Result<u64> {
+    async fn count_users(&self, application_id: &str) -> Result<u64> {
         let rows =
             self.engine.query("SELECT COUNT(*) FROM users WHERE application_id = $1", &[application_id.into()]).await?;
         rows.first().map_or(Ok(0), |row| row.uint(0))
     }
 
-    pub(crate) async fn set_subscriber_administrators(&self, application_id: &str, user_ids: &[String]) -> Result<()> {
+    async fn set_subscriber_administrators(&self, application_id: &str, user_ids: &[String]) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         tx.execute(
             "UPDATE users SET subscriber_administrator = FALSE \
@@ -446,7 +438,7 @@ impl SqlStore {
 
     // ---- conversations
 
-    pub(crate) async fn insert_conversation(&self, application_id: &str, conversation: &Conversation) -> Result<()> {
+    async fn insert_conversation(&self, application_id: &str, conversation: &Conversation) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         let context = conversation.context.as_ref();
         let result = tx
@@ -498,25 +490,17 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn get_conversation(
-        &self,
-        application_id: &str,
-        conversation_id: &str,
-    ) -> Result<Option<Conversation>> {
+    async fn get_conversation(&self, application_id: &str, conversation_id: &str) -> Result<Option<Conversation>> {
         fetch_conversation(&mut self.auto(), application_id, conversation_id).await
     }
 
-    pub(crate) async fn get_conversation_by_key(
-        &self,
-        application_id: &str,
-        key: &str,
-    ) -> Result<Option<Conversation>> {
+    async fn get_conversation_by_key(&self, application_id: &str, key: &str) -> Result<Option<Conversation>> {
         let mut sql = conversation_select(application_id);
         sql.push(" AND c.conversation_key = ").push_bind(key);
         Ok(fetch_conversations(&mut self.auto(), application_id, sql).await?.pop())
     }
 
-    pub(crate) async fn get_conversation_by_context(
+    async fn get_conversation_by_context(
         &self,
         application_id: &str,
         object_type: &str,
@@ -528,7 +512,7 @@ impl SqlStore {
         Ok(fetch_conversations(&mut self.auto(), application_id, sql).await?.pop())
     }
 
-    pub(crate) async fn update_conversation(
+    async fn update_conversation(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -573,11 +557,7 @@ impl SqlStore {
         Ok((conversation, event))
     }
 
-    pub(crate) async fn list_conversations(
-        &self,
-        application_id: &str,
-        query: &ConversationQuery,
-    ) -> Result<Vec<Conversation>> {
+    async fn list_conversations(&self, application_id: &str, query: &ConversationQuery) -> Result<Vec<Conversation>> {
         let mut sql = conversation_select(application_id);
         if !query.ids.is_empty() {
             sql.push(" AND c.id IN ").push_in_list(&query.ids);
@@ -647,12 +627,7 @@ impl SqlStore {
         fetch_conversations(&mut self.auto(), application_id, sql).await
     }
 
-    pub(crate) async fn conversation_list(
-        &self,
-        application_id: &str,
-        user_id: &str,
-        pad_to: usize,
-    ) -> Result<Vec<Conversation>> {
+    async fn conversation_list(&self, application_id: &str, user_id: &str, pad_to: usize) -> Result<Vec<Conversation>> {
         let build = |unread: bool| {
             let mut sql = conversation_select(application_id);
             sql.push(" AND c.context_object_type IS NULL");
@@ -676,7 +651,7 @@ impl SqlStore {
         Ok(list)
     }
 
-    pub(crate) async fn set_context_access(
+    async fn set_context_access(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -719,12 +694,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn has_context_access(
-        &self,
-        application_id: &str,
-        conversation_id: &str,
-        user_id: &str,
-    ) -> Result<bool> {
+    async fn has_context_access(&self, application_id: &str, conversation_id: &str, user_id: &str) -> Result<bool> {
         let rows = self
             .engine
             .query(
@@ -742,7 +712,7 @@ impl SqlStore {
 
     // ---- messages and the event log
 
-    pub(crate) async fn append_message(&self, application_id: &str, new_message: &NewMessage) -> Result<AppendOutcome> {
+    async fn append_message(&self, application_id: &str, new_message: &NewMessage) -> Result<AppendOutcome> {
         let message = &new_message.message;
         let mut tx = self.engine.begin().await?;
         // Seq first: the row lock it takes makes a concurrent retry with the
@@ -830,11 +800,7 @@ impl SqlStore {
         Ok(AppendOutcome { message: stored, event: Some(event), unread })
     }
 
-    pub(crate) async fn edit_message(
-        &self,
-        application_id: &str,
-        message: &Message,
-    ) -> Result<(Message, ConversationEvent)> {
+    async fn edit_message(&self, application_id: &str, message: &Message) -> Result<(Message, ConversationEvent)> {
         let edited_at = message.edited_at.unwrap_or_else(now_micros);
         let mut tx = self.engine.begin().await?;
         let changed = tx
@@ -868,7 +834,7 @@ impl SqlStore {
         Ok((stored, event))
     }
 
-    pub(crate) async fn delete_message(
+    async fn delete_message(
         &self,
         application_id: &str,
         message_id: &str,
@@ -889,11 +855,11 @@ impl SqlStore {
         Ok((stored, event))
     }
 
-    pub(crate) async fn get_message(&self, application_id: &str, message_id: &str) -> Result<Option<Message>> {
+    async fn get_message(&self, application_id: &str, message_id: &str) -> Result<Option<Message>> {
         fetch_message(&mut self.auto(), application_id, message_id).await
     }
 
-    pub(crate) async fn list_messages(&self, application_id: &str, query: &MessageQuery) -> Result<Vec<Message>> {
+    async fn list_messages(&self, application_id: &str, query: &MessageQuery) -> Result<Vec<Message>> {
         let mut sql = SqlBuilder::new(&format!("SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.application_id = "));
         let app = sql.bind(application_id);
         let conversation = sql.bind(&query.conversation_id);
@@ -927,7 +893,7 @@ impl SqlStore {
         rows.iter().map(message_from_row).collect()
     }
 
-    pub(crate) async fn events_after(
+    async fn events_after(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -958,7 +924,7 @@ impl SqlStore {
 
     // ---- notifications
 
-    pub(crate) async fn set_watch_mode(
+    async fn set_watch_mode(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -982,12 +948,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn get_watch_mode(
-        &self,
-        application_id: &str,
-        conversation_id: &str,
-        user_id: &str,
-    ) -> Result<Option<bool>> {
+    async fn get_watch_mode(&self, application_id: &str, conversation_id: &str, user_id: &str) -> Result<Option<bool>> {
         let rows = self
             .engine
             .query(
@@ -998,11 +959,7 @@ impl SqlStore {
         rows.first().map(|row| row.bool(0)).transpose()
     }
 
-    pub(crate) async fn notification_audience(
-        &self,
-        application_id: &str,
-        conversation_id: &str,
-    ) -> Result<NotificationAudience> {
+    async fn notification_audience(&self, application_id: &str, conversation_id: &str) -> Result<NotificationAudience> {
         let rows = self
             .engine
             .query(
@@ -1015,7 +972,7 @@ impl SqlStore {
         Ok(NotificationAudience { watch_modes })
     }
 
-    pub(crate) async fn set_do_not_disturb(
+    async fn set_do_not_disturb(
         &self,
         application_id: &str,
         user_id: &str,
@@ -1046,7 +1003,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(crate) async fn get_do_not_disturb(
+    async fn get_do_not_disturb(
         &self,
         application_id: &str,
         user_id: &str,
@@ -1072,7 +1029,7 @@ impl SqlStore {
         Ok(state)
     }
 
-    pub(crate) async fn silenced_users(
+    async fn silenced_users(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -1092,7 +1049,7 @@ impl SqlStore {
         Ok(user_ids.iter().filter(|id| silenced.contains(*id)).cloned().collect())
     }
 
-    pub(crate) async fn mark_read(
+    async fn mark_read(
         &self,
         application_id: &str,
         conversation_id: &str,
@@ -1139,7 +1096,7 @@ impl SqlStore {
         Ok(saturate(unread))
     }
 
-    pub(crate) async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>> {
+    async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>> {
         let rows = self
             .engine
             .query(
@@ -1503,254 +1460,3 @@ fn message_from_row(row: &Row) -> Result<Message> {
         deleted: row.bool(13)?,
     })
 }
-
-/// Implements [`Store`](crate::Store) for a type with a `core: SqlStore`
-/// field by forwarding every method, so that the public engine types are
-/// thin shells around the one implementation.
-macro_rules! forward_store {
-    ($type:ty) => {
-        #[async_trait::async_trait]
-        impl $crate::Store for $type {
-            async fn upsert_subscriber(&self, email: &str) -> Result<Subscriber> {
-                self.core.upsert_subscriber(email).await
-            }
-            async fn get_subscriber(&self, subscriber_id: &str) -> Result<Option<Subscriber>> {
-                self.core.get_subscriber(subscriber_id).await
-            }
-            async fn get_subscriber_by_email(&self, email: &str) -> Result<Option<Subscriber>> {
-                self.core.get_subscriber_by_email(email).await
-            }
-            async fn set_administration_key_hash(&self, subscriber_id: &str, key_hash: &str) -> Result<()> {
-                self.core.set_administration_key_hash(subscriber_id, key_hash).await
-            }
-            async fn change_subscriber_email(&self, subscriber_id: &str, new_email: &str) -> Result<()> {
-                self.core.change_subscriber_email(subscriber_id, new_email).await
-            }
-            async fn put_temporary_code(&self, subscriber_id: &str, code_hash: &str, expires_at: Micros) -> Result<()> {
-                self.core.put_temporary_code(subscriber_id, code_hash, expires_at).await
-            }
-            async fn consume_temporary_code(&self, subscriber_id: &str, code_hash: &str, now: Micros) -> Result<bool> {
-                self.core.consume_temporary_code(subscriber_id, code_hash, now).await
-            }
-            async fn put_pending_activation(&self, activation: &PendingActivation) -> Result<()> {
-                self.core.put_pending_activation(activation).await
-            }
-            async fn take_pending_activation(
-                &self,
-                email: &str,
-                code_hash: &str,
-                now: Micros,
-            ) -> Result<Option<PendingActivation>> {
-                self.core.take_pending_activation(email, code_hash, now).await
-            }
-            async fn insert_application(&self, application: &Application) -> Result<()> {
-                self.core.insert_application(application).await
-            }
-            async fn get_application(&self, application_id: &str) -> Result<Option<Application>> {
-                self.core.get_application(application_id).await
-            }
-            async fn update_application(&self, application: &Application) -> Result<()> {
-                self.core.update_application(application).await
-            }
-            async fn insert_user(&self, application_id: &str, user: &User) -> Result<()> {
-                self.core.insert_user(application_id, user).await
-            }
-            async fn get_user(&self, application_id: &str, user_id: &str) -> Result<Option<User>> {
-                self.core.get_user(application_id, user_id).await
-            }
-            async fn get_users(&self, application_id: &str, user_ids: &[String]) -> Result<Vec<User>> {
-                self.core.get_users(application_id, user_ids).await
-            }
-            async fn get_user_by_infobase_id(
-                &self,
-                application_id: &str,
-                infobase_user_id: &str,
-            ) -> Result<Option<User>> {
-                self.core.get_user_by_infobase_id(application_id, infobase_user_id).await
-            }
-            async fn update_user(&self, application_id: &str, user: &User) -> Result<()> {
-                self.core.update_user(application_id, user).await
-            }
-            async fn list_users(&self, application_id: &str, query: &$crate::UserQuery) -> Result<Vec<User>> {
-                self.core.list_users(application_id, query).await
-            }
-            async fn count_users(&self, application_id: &str) -> Result<u64> {
-                self.core.count_users(application_id).await
-            }
-            async fn set_subscriber_administrators(&self, application_id: &str, user_ids: &[String]) -> Result<()> {
-                self.core.set_subscriber_administrators(application_id, user_ids).await
-            }
-            async fn insert_conversation(&self, application_id: &str, conversation: &Conversation) -> Result<()> {
-                self.core.insert_conversation(application_id, conversation).await
-            }
-            async fn get_conversation(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-            ) -> Result<Option<Conversation>> {
-                self.core.get_conversation(application_id, conversation_id).await
-            }
-            async fn get_conversation_by_key(&self, application_id: &str, key: &str) -> Result<Option<Conversation>> {
-                self.core.get_conversation_by_key(application_id, key).await
-            }
-            async fn get_conversation_by_context(
-                &self,
-                application_id: &str,
-                object_type: &str,
-                object_id: &str,
-            ) -> Result<Option<Conversation>> {
-                self.core.get_conversation_by_context(application_id, object_type, object_id).await
-            }
-            async fn update_conversation(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                change: &$crate::ConversationChange,
-            ) -> Result<(Conversation, ConversationEvent)> {
-                self.core.update_conversation(application_id, conversation_id, change).await
-            }
-            async fn list_conversations(
-                &self,
-                application_id: &str,
-                query: &$crate::ConversationQuery,
-            ) -> Result<Vec<Conversation>> {
-                self.core.list_conversations(application_id, query).await
-            }
-            async fn conversation_list(
-                &self,
-                application_id: &str,
-                user_id: &str,
-                pad_to: usize,
-            ) -> Result<Vec<Conversation>> {
-                self.core.conversation_list(application_id, user_id, pad_to).await
-            }
-            async fn set_context_access(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                grant_user_ids: &[String],
-                revoke_user_ids: &[String],
-                all_application_users: Option<bool>,
-            ) -> Result<()> {
-                self.core
-                    .set_context_access(
-                        application_id,
-                        conversation_id,
-                        grant_user_ids,
-                        revoke_user_ids,
-                        all_application_users,
-                    )
-                    .await
-            }
-            async fn has_context_access(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                user_id: &str,
-            ) -> Result<bool> {
-                self.core.has_context_access(application_id, conversation_id, user_id).await
-            }
-            async fn append_message(
-                &self,
-                application_id: &str,
-                new_message: &$crate::NewMessage,
-            ) -> Result<$crate::AppendOutcome> {
-                self.core.append_message(application_id, new_message).await
-            }
-            async fn edit_message(
-                &self,
-                application_id: &str,
-                message: &Message,
-            ) -> Result<(Message, ConversationEvent)> {
-                self.core.edit_message(application_id, message).await
-            }
-            async fn delete_message(
-                &self,
-                application_id: &str,
-                message_id: &str,
-                at: Micros,
-            ) -> Result<(Message, ConversationEvent)> {
-                self.core.delete_message(application_id, message_id, at).await
-            }
-            async fn get_message(&self, application_id: &str, message_id: &str) -> Result<Option<Message>> {
-                self.core.get_message(application_id, message_id).await
-            }
-            async fn list_messages(&self, application_id: &str, query: &$crate::MessageQuery) -> Result<Vec<Message>> {
-                self.core.list_messages(application_id, query).await
-            }
-            async fn events_after(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                after_seq: u64,
-                limit: u32,
-            ) -> Result<Vec<ConversationEvent>> {
-                self.core.events_after(application_id, conversation_id, after_seq, limit).await
-            }
-            async fn set_watch_mode(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                user_id: &str,
-                watch: bool,
-            ) -> Result<()> {
-                self.core.set_watch_mode(application_id, conversation_id, user_id, watch).await
-            }
-            async fn get_watch_mode(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                user_id: &str,
-            ) -> Result<Option<bool>> {
-                self.core.get_watch_mode(application_id, conversation_id, user_id).await
-            }
-            async fn notification_audience(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-            ) -> Result<$crate::NotificationAudience> {
-                self.core.notification_audience(application_id, conversation_id).await
-            }
-            async fn set_do_not_disturb(
-                &self,
-                application_id: &str,
-                user_id: &str,
-                conversation_id: Option<&str>,
-                until: Option<Micros>,
-            ) -> Result<()> {
-                self.core.set_do_not_disturb(application_id, user_id, conversation_id, until).await
-            }
-            async fn get_do_not_disturb(
-                &self,
-                application_id: &str,
-                user_id: &str,
-                conversation_id: Option<&str>,
-            ) -> Result<$crate::DoNotDisturbState> {
-                self.core.get_do_not_disturb(application_id, user_id, conversation_id).await
-            }
-            async fn silenced_users(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                user_ids: &[String],
-                now: Micros,
-            ) -> Result<Vec<String>> {
-                self.core.silenced_users(application_id, conversation_id, user_ids, now).await
-            }
-            async fn mark_read(
-                &self,
-                application_id: &str,
-                conversation_id: &str,
-                user_id: &str,
-                up_to_seq: u64,
-            ) -> Result<u32> {
-                self.core.mark_read(application_id, conversation_id, user_id, up_to_seq).await
-            }
-            async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>> {
-                self.core.unread_counts(application_id, user_id).await
-            }
-        }
-    };
-}
-
-pub(crate) use forward_store;

@@ -288,6 +288,7 @@ pub trait Store: Send + Sync + 'static {
 
 pub mod conformance;
 mod domain;
+pub use domain::SqlStore;
 mod engine;
 mod migrate;
 pub mod postgres;

@@ -12,7 +12,6 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use beseda_core::model::*;
 use beseda_core::{Error, Result};
 use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
@@ -20,7 +19,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, NoTls};
 
-use crate::domain::{SqlStore, forward_store};
+use crate::domain::SqlStore;
 use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value};
 use crate::migrate::{self, Migration};
 
@@ -37,9 +36,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// [`Store`](crate::Store) on PostgreSQL.
-pub struct PostgresStore {
-    core: SqlStore,
-}
+pub type PostgresStore = SqlStore;
 
 impl PostgresStore {
     /// Connects a pool of at most `pool_size` connections to `url` (a
@@ -97,11 +94,9 @@ impl PostgresStore {
         let engine = PostgresEngine { pool };
         migrate::run(&engine, MIGRATIONS, Some(MIGRATION_LOCK)).await?;
         tracing::info!(pool_size, "connected to postgres");
-        Ok(PostgresStore { core: SqlStore::new(Box::new(engine)) })
+        Ok(SqlStore::new(Box::new(engine)))
     }
 }
-
-forward_store!(PostgresStore);
 
 fn parse_config(url: &str) -> Result<Config> {
     url.parse::<Config>().map_err(|error| Error::internal(format!("invalid postgres url: {error}")))
@@ -369,7 +364,7 @@ mod tests {
         let schema = format!("beseda_unit_{}", uuid::Uuid::new_v4().simple());
         let store = PostgresStore::connect_in_schema(&url, &schema, 1).await.expect("postgres is reachable");
         let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
-            let engine = store.core.engine();
+            let engine = store.engine();
             let mut tx = engine.begin().await.unwrap();
             tx.execute(
                 "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)",

@@ -27,7 +27,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::domain::{SqlStore, forward_store};
+use crate::domain::SqlStore;
 use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value};
 use crate::migrate::{self, Migration};
 
@@ -40,9 +40,7 @@ const MIGRATIONS: &[Migration] =
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// [`Store`](crate::Store) on an embedded SQLite database.
-pub struct SqliteStore {
-    core: SqlStore,
-}
+pub type SqliteStore = SqlStore;
 
 impl SqliteStore {
     /// Opens (creating it and its parent directory if needed) the database
@@ -86,11 +84,9 @@ impl SqliteStore {
         configure(&connection).map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         migrate_blocking(&mut connection)?;
         let engine = SqliteEngine { connection: Arc::new(Mutex::new(connection)) };
-        Ok(SqliteStore { core: SqlStore::new(Box::new(engine)) })
+        Ok(SqlStore::new(Box::new(engine)))
     }
 }
-
-forward_store!(SqliteStore);
 
 /// Applies pending migrations before the connection is shared; opening is
 /// synchronous, so this uses rusqlite directly with the shared plan.
@@ -413,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_transaction_rolls_back_and_frees_the_connection() {
         let store = SqliteStore::open_in_memory().unwrap();
-        let engine = store.core.engine();
+        let engine = store.engine();
         let mut tx = engine.begin().await.unwrap();
         tx.execute(
             "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)",
