@@ -133,16 +133,23 @@ impl RoutingService {
             return Err(Error::field_required("activationCode"));
         }
         let (email, _) = self.resolve_registration(request).await?;
+        // Activation codes are guarded against guessing like temporary codes (docs/auth.md).
+        self.code_attempts.check(&email)?;
         let activation =
-            self.store.take_pending_activation(&email, &hash_secret(activation_code), now_micros()).await?.ok_or_else(
-                || {
-                    Error::new(
+            match self.store.take_pending_activation(&email, &hash_secret(activation_code), now_micros()).await? {
+                Some(activation) => {
+                    self.code_attempts.succeeded(&email);
+                    activation
+                }
+                None => {
+                    self.code_attempts.failed(&email);
+                    return Err(Error::new(
                         ErrorCode::ActivationCodeInvalid,
                         "the activation code is wrong, used or expired; request a new one",
                     )
-                    .with_field("activationCode")
-                },
-            )?;
+                    .with_field("activationCode"));
+                }
+            };
         let subscriber = self.store.upsert_subscriber(&email).await?;
         let application_key = new_secret();
         let application = match &activation.application_id {

@@ -467,6 +467,8 @@ async fn bad_authorization_headers_get_typed_401s() {
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// What the server did next on a raw socket.
+// One value per frame read in a test; matching on the frame directly matters more than its size.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Next {
     Json(Value),
@@ -915,5 +917,54 @@ async fn a_protobuf_hello_is_welcomed_and_answered_in_protobuf() {
     assert!(matches!(answer, Next::Binary(_)), "{answer:?}");
     assert_eq!(error_code(&answer).as_deref(), Some("token_invalid"));
     assert!(matches!(next(&mut refused).await, Next::Closed));
+    assert_healthy(&server).await;
+}
+
+#[tokio::test]
+async fn bad_path_parameters_and_query_strings_get_typed_errors() {
+    let server = TestServer::start().await;
+    let fixture = fixture(&server).await;
+    let auth = [basic_header(&fixture.application)];
+    let conversation = &fixture.conversation_id;
+
+    // Path parameters that do not decode to UTF-8 (invalid bytes, overlong forms, surrogates).
+    for path in [
+        "/api/v1/conversations/%FF%FE".to_owned(),
+        "/api/v1/users/%C0%80".to_owned(),
+        "/api/v1/messages/%ED%A0%80".to_owned(),
+        "/api/v1/conversations/by-key/%80".to_owned(),
+        "/api/v1/conversations/%F0%28%8C%BC/messages".to_owned(),
+    ] {
+        let answer = send_raw(&server, "GET", &path, &auth, None).await;
+        let code = typed_error(&answer, &format!("GET {path}"));
+        assert!(["malformed_request", "route_not_found"].contains(&code.as_str()), "GET {path}: {}", answer.text);
+    }
+    // Query parameters of the wrong type or range.
+    let events = format!("/api/v1/conversations/{conversation}/events");
+    for (query, code) in [
+        ("afterSeq=abc", "invalid_value"),
+        ("afterSeq=-1", "invalid_value"),
+        ("afterSeq=1.5", "invalid_value"),
+        ("afterSeq=99999999999999999999999", "invalid_value"),
+        ("limit=lots", "invalid_value"),
+        ("limit=4294967296", "invalid_value"),
+        ("limit=1000001", "count_out_of_range"),
+        ("afterSeq=%FF", "invalid_value"),
+    ] {
+        let answer = send_raw(&server, "GET", &format!("{events}?{query}"), &auth, None).await;
+        assert_eq!(typed_error(&answer, query), code, "{query}: {}", answer.text);
+    }
+    // Garbage in the query string that no parameter reads is ignored; repeated parameters too.
+    for query in ["afterSeq=0&afterSeq=0", "x=%ZZ&&&==", "afterSeq", "%00=%00", "limit=&afterSeq="] {
+        let answer = send_raw(&server, "GET", &format!("{events}?{query}"), &auth, None).await;
+        assert!(answer.status == 200 || answer.status / 100 == 4, "{query}: {} {}", answer.status, answer.text);
+        if answer.status != 200 {
+            typed_error(&answer, query);
+        }
+    }
+    // A long path parameter (60 KB) is just an id that does not exist.
+    let long = "x".repeat(60_000);
+    let answer = send_raw(&server, "GET", &format!("/api/v1/conversations/{long}"), &auth, None).await;
+    assert_eq!(typed_error(&answer, "a 60 KB id"), "conversation_not_found");
     assert_healthy(&server).await;
 }

@@ -173,7 +173,7 @@ fn administration_key(server: &TestServer, email: &str) -> String {
     for entry in std::fs::read_dir(&server.outbox).unwrap().flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         if text.lines().any(|line| line.starts_with("To:") && line.contains(email))
-            && text.contains("administration key")
+            && text.lines().any(|line| line.starts_with("Subject:") && line.contains("administration key"))
         {
             keys.push(key_in(&text.replace("=\r\n", "").replace("=\n", "")));
         }
@@ -182,9 +182,17 @@ fn administration_key(server: &TestServer, email: &str) -> String {
     keys.remove(0)
 }
 
-fn random_uuid() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let hex = hex::encode(bytes);
+/// A UUID-shaped id nobody issued: 128 bits from a xorshift generator seeded by the clock.
+fn random_uuid(seed: u64) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut state = (nanos ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let hex = format!("{:016x}{:016x}", next(), next());
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
@@ -619,7 +627,7 @@ async fn guessed_and_garbage_ids_find_nothing_and_break_nothing() {
     let a_user = a.alice();
     let a_app = a.application.privileged();
 
-    let mut garbage: Vec<String> = (0..3).map(|_| random_uuid()).collect();
+    let mut garbage: Vec<String> = (0..3).map(random_uuid).collect();
     garbage.extend(
         [
             "../",
@@ -887,4 +895,97 @@ async fn credentials_of_one_tenant_never_authenticate_as_the_other() {
         .ok("POST", &format!("/api/v1/conversations/{}/messages/search", b.group_id), &b.alice(), Some(json!({})))
         .await;
     assert_eq!(list_len(&messages, "messages"), 1, "{messages}");
+}
+
+/// How many mails an address has received.
+fn mail_count(server: &TestServer, email: &str) -> usize {
+    std::fs::read_dir(&server.outbox)
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            text.lines().any(|line| line.starts_with("To:") && line.contains(email))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn one_subscriber_cannot_take_over_another_subscribers_application_or_address() {
+    let server = TestServer::start().await;
+    let a = Tenant::create(&server, "A").await;
+    let b = Tenant::create(&server, "B").await;
+    let before = b.snapshot(&server).await;
+    let a_key = administration_key(&server, &a.application.email);
+    let b_mail = mail_count(&server, &b.application.email);
+    let a_mail = mail_count(&server, &a.application.email);
+
+    // A cannot move its subscription onto B's address.
+    let credential = json!({"subscriberEmail": a.application.email, "administrationKey": a_key});
+    let error = server
+        .fails(
+            "POST",
+            "/api/v1/subscriber/email",
+            &Auth::None,
+            Some(json!({"credential": credential, "newEmail": b.application.email.to_uppercase()})),
+            "invalid_value",
+        )
+        .await;
+    assert_eq!(error["field"], "newEmail", "{error}");
+    // Nor reissue B's administration key, nor name administrators of B, with A's key.
+    let a_key_for_b = json!({"subscriberEmail": b.application.email, "administrationKey": a_key});
+    server
+        .fails(
+            "POST",
+            "/api/v1/subscriber/administration-key",
+            &Auth::None,
+            Some(json!({"credential": a_key_for_b})),
+            "subscriber_credential_invalid",
+        )
+        .await;
+    server
+        .fails(
+            "PUT",
+            "/api/v1/subscriber/administrators",
+            &b.application.privileged(),
+            Some(json!({"credential": credential, "userIds": [b.alice_id]})),
+            "subscriber_credential_invalid",
+        )
+        .await;
+
+    // Re-registering B's application id without an e-mail sends the code to B, not to whoever asked.
+    let request = json!({"applicationId": b.application.id, "applicationName": "B app", "applicationUserCount": 5});
+    let sent = server.ok("POST", "/api/v1/registration/request", &Auth::None, Some(request.clone())).await;
+    assert_eq!(sent["email"], b.application.email.as_str());
+    assert_eq!(mail_count(&server, &b.application.email), b_mail + 1);
+    assert_eq!(mail_count(&server, &a.application.email), a_mail);
+    // Asking changes nothing: B's key still works.
+    server.ok("GET", "/api/v1/application", &b.application.privileged(), None).await;
+    let mut guess = request;
+    guess["activationCode"] = json!("00000000");
+    server.fails("POST", "/api/v1/registration/complete", &Auth::None, Some(guess), "activation_code_invalid").await;
+
+    // Re-registering B's application id with A's address makes a new application for A, with none of B's data.
+    let hijack = server
+        .register_with(json!({
+            "applicationId": b.application.id, "email": a.application.email,
+            "applicationName": "B app", "applicationUserCount": 5,
+        }))
+        .await;
+    assert_ne!(hijack.id, b.application.id);
+    assert_ne!(hijack.id, a.application.id);
+    for id in b.conversation_ids() {
+        server
+            .fails("GET", &format!("/api/v1/conversations/{id}"), &hijack.privileged(), None, "conversation_not_found")
+            .await;
+    }
+    let users =
+        server.ok("POST", "/api/v1/users/search", &hijack.privileged(), Some(json!({"includeBlocked": true}))).await;
+    assert_eq!(list_len(&users, "users"), 0, "{users}");
+    server.fails("GET", "/api/v1/application", &hijack.acting_as(&b.alice_id), None, "user_not_found").await;
+
+    // B's credentials and data are untouched.
+    let info = server.ok("GET", "/api/v1/application", &b.alice(), None).await;
+    assert_eq!(info["applicationId"], b.application.id.as_str());
+    assert_eq!(info["subscriberEmail"], b.application.email.as_str());
+    assert_eq!(b.snapshot(&server).await, before, "tenant B's data changed");
 }

@@ -817,6 +817,8 @@ async fn user_tokens_are_verified_and_users_are_created_and_refreshed_at_authent
         ("an empty name", claims(json!({"name": ""})), "token_invalid"),
         ("no expiry", claims(json!({"exp": null})), "token_invalid"),
         ("no issuer", claims(json!({"iss": null})), "token_invalid"),
+        ("issued an hour in the future", claims(json!({"iat": now + 3600, "exp": now + 3900})), "token_invalid"),
+        ("no issue time", claims(json!({"iat": null})), "token_invalid"),
         ("garbage", "garbage".to_owned(), "token_invalid"),
         ("three garbage parts", "a.b.c".to_owned(), "token_invalid"),
         ("a name over 256 characters", claims(json!({"name": "x".repeat(257)})), "invalid_value"),
