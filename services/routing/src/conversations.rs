@@ -259,6 +259,17 @@ impl RoutingService {
         selector: &ConversationSelector,
         change: ConversationChange,
     ) -> Result<Conversation> {
+        if change.title.is_none()
+            && change.displayed.is_none()
+            && change.add_member_ids.is_empty()
+            && change.remove_member_ids.is_empty()
+        {
+            return Err(Error::new(
+                ErrorCode::FieldRequired,
+                "nothing to change: set title, displayed, addMemberIds or removeMemberIds",
+            )
+            .with_field("title"));
+        }
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         let acting = self.optional_acting_user(caller).await?;
         if conversation.read_only && !caller.privileged {

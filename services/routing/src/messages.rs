@@ -276,6 +276,13 @@ impl RoutingService {
     }
 
     pub async fn edit_message(&self, caller: &Caller, message_id: &str, edit: MessageEdit) -> Result<Message> {
+        if edit.text.is_none() && edit.data.is_none() && edit.buttons.is_none() && !edit.clear_buttons {
+            return Err(Error::new(
+                ErrorCode::FieldRequired,
+                "nothing to change: set text, data, buttons or clearButtons",
+            )
+            .with_field("text"));
+        }
         let (_, mut message) = self.own_message(caller, message_id).await?;
         let author = self.store.get_user(&caller.application_id, &message.author_id).await?;
         if let Some(text) = edit.text {

@@ -657,3 +657,28 @@ async fn when_the_last_member_leaves_the_conversation_is_inaccessible_but_kept()
         server.ok("POST", &format!("{path}/messages/search"), &application.privileged(), Some(json!({}))).await;
     assert_eq!(messages["messages"][0]["text"], "keep me");
 }
+
+#[tokio::test]
+async fn an_update_that_changes_nothing_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
+    let conversation_id = group(&server, &application, "Team", &[&alice_id]).await;
+    let sent = server
+        .ok(
+            "POST",
+            &format!("/api/v1/conversations/{conversation_id}/messages"),
+            &alice,
+            Some(json!({"text": "as is"})),
+        )
+        .await;
+    let message_path = format!("/api/v1/messages/{}", sent["id"].as_str().unwrap());
+    server.fails("PATCH", &message_path, &alice, Some(json!({})), "field_required").await;
+    let unchanged = server.ok("GET", &message_path, &alice, None).await;
+    assert!(unchanged.get("editedAt").is_none(), "not marked edited: {unchanged}");
+    server
+        .fails("PATCH", &format!("/api/v1/conversations/{conversation_id}"), &alice, Some(json!({})), "field_required")
+        .await;
+    let events = server.ok("GET", &format!("/api/v1/conversations/{conversation_id}/events"), &alice, None).await;
+    assert_eq!(events["events"].as_array().unwrap().len(), 1, "only the message was logged: {events}");
+}
