@@ -1,23 +1,21 @@
 //! The embedded SQLite engine: one file under the data directory, one
 //! connection.
 //!
-//! Concurrency design: the single `rusqlite::Connection` lives behind a
-//! `tokio::sync::Mutex`. Every statement runs on the blocking pool
-//! (`spawn_blocking`) with the mutex's *owned* guard moved into the closure
-//! and back, so no std mutex is ever held across an `.await` and no runtime
-//! thread blocks on SQLite I/O. A transaction keeps the owned guard for its
-//! whole life: SQLite has one writer anyway, and holding the connection is
-//! what makes `BEGIN IMMEDIATE ... COMMIT` exclusive. A transaction dropped
-//! without commit rolls back in `Drop`; should a guard ever be released with
-//! a transaction still open (a panic mid-statement), the next user of the
-//! connection rolls it back before doing anything else.
+//! Concurrency design: a dedicated writer thread owns the read-write
+//! connection and receives transactions as messages, so no lock is held
+//! across an `.await` and no runtime thread blocks on SQLite I/O. It group-
+//! commits: logical transactions run in SAVEPOINTs of one SQLite transaction
+//! that is committed (one fsync) when the queue is empty, after 256
+//! transactions or after 5 ms, and each is acknowledged only after that
+//! COMMIT. Autocommit reads use a few read-only connections, which under WAL
+//! see committed data only. See [`SqliteEngine`].
 //!
 //! Case-insensitive search compares Rust-lower-cased copies (`*_lower`
 //! columns), so it folds all of Unicode although SQLite's own `LOWER` and
 //! `LIKE` fold ASCII only.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +23,7 @@ use beseda_core::model::*;
 use beseda_core::{Error, ErrorCode, Result};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::oneshot;
 
 use crate::domain::SqlStore;
 use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value};
@@ -65,27 +63,47 @@ impl SqliteStore {
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         tracing::info!(path = %path.display(), "opened sqlite database");
-        Self::from_connection(connection)
+        Self::from_connection(connection, Some(path))
     }
 
     /// A private in-memory database (tests, ephemeral runs).
     pub fn open_in_memory() -> Result<Self> {
         let connection = Connection::open_in_memory().map_err(|error| Error::from(map_error(None, error)))?;
-        Self::from_connection(connection)
+        Self::from_connection(connection, None)
     }
 
-    fn from_connection(mut connection: Connection) -> Result<Self> {
-        let configure = |connection: &Connection| -> rusqlite::Result<()> {
-            connection.pragma_update(None, "foreign_keys", "ON")?;
-            connection.busy_timeout(BUSY_TIMEOUT)?;
-            connection.set_prepared_statement_cache_capacity(256);
-            Ok(())
-        };
+    /// `path` is `None` for an in-memory database, which has no reader
+    /// connections (they could not see it) and commits each transaction alone.
+    fn from_connection(mut connection: Connection, path: Option<&Path>) -> Result<Self> {
         configure(&connection).map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         migrate_blocking(&mut connection)?;
-        let engine = SqliteEngine { connection: Arc::new(Mutex::new(connection)) };
+        let readers = match path {
+            Some(path) => open_readers(path)?,
+            None => Vec::new(),
+        };
+        let engine = SqliteEngine::start(connection, readers, path.is_some())?;
         Ok(SqlStore::new(Box::new(engine)))
     }
+}
+
+fn configure(connection: &Connection) -> rusqlite::Result<()> {
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.set_prepared_statement_cache_capacity(256);
+    Ok(())
+}
+
+/// Read-only connections to the database file, for autocommit reads.
+fn open_readers(path: &Path) -> Result<Vec<Connection>> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    (0..READERS)
+        .map(|_| {
+            let connection =
+                Connection::open_with_flags(path, flags).map_err(|error| Error::from(map_error(None, error)))?;
+            configure(&connection).map_err(|error| Error::from(map_error(Some(&connection), error)))?;
+            Ok(connection)
+        })
+        .collect()
 }
 
 /// Applies pending migrations before the connection is shared; opening is
@@ -118,102 +136,146 @@ fn domain_error(error: Error) -> DbError {
     DbError::Other(error.message)
 }
 
+/// Logical transactions committed together in one SQLite transaction, at most.
+const MAX_GROUP_COMMIT: usize = 256;
+/// The longest a group stays open while more work keeps arriving, so the
+/// first transaction of a busy group is not acknowledged late.
+const MAX_GROUP_DURATION: Duration = Duration::from_millis(5);
+/// Read-only connections serving autocommit reads of a database file.
+const READERS: usize = 4;
+
+/// A completion waiting for the group's COMMIT.
+type Acknowledgement = Box<dyn FnOnce(DbResult<()>) + Send>;
+
+/// What the async side asks of the writer thread.
+enum WriterCommand {
+    /// Opens a logical transaction; its statements follow on the returned channel.
+    Begin { reply: oneshot::Sender<DbResult<mpsc::Sender<TxCommand>>> },
+    /// One autocommit write: a logical transaction of one statement.
+    Execute { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<u64>> },
+    /// An autocommit read where no reader connections exist (in-memory databases).
+    Query { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<Vec<Row>>> },
+}
+
+/// A statement of an open logical transaction.
+enum TxCommand {
+    Query { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<Vec<Row>>> },
+    Execute { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<u64>> },
+    Script { sql: String, reply: oneshot::Sender<DbResult<()>> },
+    Commit { reply: oneshot::Sender<DbResult<()>> },
+    Rollback { reply: oneshot::Sender<DbResult<()>> },
+}
+
+/// The SQLite engine: one writer thread and a few reader connections.
+///
+/// The writer thread owns the only read-write connection; transactions are
+/// sent to it as messages, so no lock is held across an `.await` anywhere.
+/// It runs each logical transaction inside a SAVEPOINT of a larger SQLite
+/// transaction and commits that one when no further work is waiting (or
+/// after [`MAX_GROUP_COMMIT`]): one fsync then makes a whole group durable.
+/// A logical commit is acknowledged only after that COMMIT succeeded; if it
+/// fails, every member of the group gets the error, so nothing acknowledged
+/// is ever lost. Autocommit reads go to separate read-only connections,
+/// which under WAL see committed data only and never wait for the writer.
 struct SqliteEngine {
-    connection: Arc<Mutex<Connection>>,
+    writer: mpsc::Sender<WriterCommand>,
+    readers: Option<Arc<ReaderPool>>,
 }
 
-type Guard = OwnedMutexGuard<Connection>;
-
-/// Runs `work` on the blocking pool with the connection, handing the guard
-/// back with the result.
-async fn blocking<T, F>(guard: Guard, work: F) -> DbResult<(Guard, DbResult<T>)>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut Connection) -> DbResult<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
-        let result = work(&mut guard);
-        (guard, result)
-    })
-    .await
-    .map_err(|error| DbError::Other(format!("sqlite worker failed: {error}")))
+struct ReaderPool {
+    idle: std::sync::Mutex<Vec<Connection>>,
+    permits: tokio::sync::Semaphore,
 }
 
-/// Rolls back a transaction a previous holder of the connection left open.
-fn recover(connection: &Connection) -> DbResult<()> {
-    if !connection.is_autocommit() {
-        tracing::warn!("rolling back a sqlite transaction left open");
-        connection.execute_batch("ROLLBACK").map_err(|error| map_error(Some(connection), error))?;
-    }
-    Ok(())
+fn disconnected() -> DbError {
+    DbError::Unavailable("the sqlite writer thread has stopped".into())
+}
+
+async fn answer<T>(receiver: oneshot::Receiver<DbResult<T>>) -> DbResult<T> {
+    receiver.await.unwrap_or_else(|_| Err(disconnected()))
 }
 
 impl SqliteEngine {
-    async fn with_connection<T, F>(&self, work: F) -> DbResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> DbResult<T> + Send + 'static,
-    {
-        let guard = self.connection.clone().lock_owned().await;
-        let (_guard, result) = blocking(guard, move |connection| {
-            recover(connection)?;
-            work(connection)
+    fn start(connection: Connection, readers: Vec<Connection>, group_commit: bool) -> Result<Self> {
+        let (writer, commands) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("beseda-sqlite-writer".into())
+            .spawn(move || {
+                Writer {
+                    connection,
+                    group_commit,
+                    pending: Vec::new(),
+                    in_group: false,
+                    group_started: std::time::Instant::now(),
+                }
+                .run(commands)
+            })
+            .map_err(|error| Error::internal(format!("cannot start the sqlite writer thread: {error}")))?;
+        let readers = (!readers.is_empty()).then(|| {
+            Arc::new(ReaderPool {
+                permits: tokio::sync::Semaphore::new(readers.len()),
+                idle: std::sync::Mutex::new(readers),
+            })
+        });
+        Ok(SqliteEngine { writer, readers })
+    }
+
+    async fn read(pool: &Arc<ReaderPool>, sql: String, params: Vec<Value>) -> DbResult<Vec<Row>> {
+        let _permit = pool.permits.acquire().await.map_err(|_| disconnected())?;
+        let connection = pool.idle.lock().map_err(|_| disconnected())?.pop().ok_or_else(disconnected)?;
+        let pool = pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = run_query(&connection, &sql, &params);
+            if let Ok(mut idle) = pool.idle.lock() {
+                idle.push(connection);
+            }
+            result
         })
-        .await?;
-        result
+        .await
+        .map_err(|error| DbError::Other(format!("sqlite reader failed: {error}")))?
     }
 }
 
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn query(&self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
-        let (sql, params) = (sql.to_owned(), params.to_vec());
-        self.with_connection(move |connection| run_query(connection, &sql, &params)).await
+        if let Some(pool) = &self.readers {
+            return Self::read(pool, sql.to_owned(), params.to_vec()).await;
+        }
+        let (reply, receiver) = oneshot::channel();
+        let command = WriterCommand::Query { sql: sql.to_owned(), params: params.to_vec(), reply };
+        self.writer.send(command).map_err(|_| disconnected())?;
+        answer(receiver).await
     }
 
     async fn execute(&self, sql: &str, params: &[Value]) -> DbResult<u64> {
-        let (sql, params) = (sql.to_owned(), params.to_vec());
-        self.with_connection(move |connection| run_execute(connection, &sql, &params)).await
+        let (reply, receiver) = oneshot::channel();
+        let command = WriterCommand::Execute { sql: sql.to_owned(), params: params.to_vec(), reply };
+        self.writer.send(command).map_err(|_| disconnected())?;
+        answer(receiver).await
     }
 
     async fn begin(&self) -> DbResult<Box<dyn Transaction>> {
-        let guard = self.connection.clone().lock_owned().await;
-        let (guard, result) = blocking(guard, |connection| {
-            recover(connection)?;
-            // IMMEDIATE takes the write lock now, not at the first write, so
-            // a transaction never fails half-way for lack of it.
-            connection.execute_batch("BEGIN IMMEDIATE").map_err(|error| map_error(Some(connection), error))
-        })
-        .await?;
-        result?;
-        Ok(Box::new(SqliteTransaction { guard: Some(guard) }))
+        let (reply, receiver) = oneshot::channel();
+        self.writer.send(WriterCommand::Begin { reply }).map_err(|_| disconnected())?;
+        let statements = answer(receiver).await?;
+        Ok(Box::new(SqliteTransaction { statements: Some(statements) }))
     }
 }
 
-/// An open `BEGIN IMMEDIATE` transaction; owns the connection until it ends.
+/// The async side of a logical transaction. Dropping it (its channel) makes
+/// the writer roll the transaction back.
 struct SqliteTransaction {
-    guard: Option<Guard>,
+    statements: Option<mpsc::Sender<TxCommand>>,
 }
 
 impl SqliteTransaction {
-    async fn run<T, F>(&mut self, work: F) -> DbResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> DbResult<T> + Send + 'static,
-    {
-        let guard = self.guard.take().ok_or_else(|| DbError::Other("sqlite transaction already ended".into()))?;
-        let (guard, result) = blocking(guard, work).await?;
-        self.guard = Some(guard);
-        result
-    }
-
-    async fn finish(mut self: Box<Self>, statement: &'static str) -> DbResult<()> {
-        self.run(move |connection| {
-            connection.execute_batch(statement).map_err(|error| map_error(Some(connection), error))
-        })
-        .await
-        // A failed COMMIT leaves the transaction open; Drop rolls it back.
+    async fn send<T>(&self, command: impl FnOnce(oneshot::Sender<DbResult<T>>) -> TxCommand) -> DbResult<T> {
+        let statements =
+            self.statements.as_ref().ok_or_else(|| DbError::Other("sqlite transaction already ended".into()))?;
+        let (reply, receiver) = oneshot::channel();
+        statements.send(command(reply)).map_err(|_| disconnected())?;
+        answer(receiver).await
     }
 }
 
@@ -221,12 +283,12 @@ impl SqliteTransaction {
 impl Executor for SqliteTransaction {
     async fn query(&mut self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
         let (sql, params) = (sql.to_owned(), params.to_vec());
-        self.run(move |connection| run_query(connection, &sql, &params)).await
+        self.send(|reply| TxCommand::Query { sql, params, reply }).await
     }
 
     async fn execute(&mut self, sql: &str, params: &[Value]) -> DbResult<u64> {
         let (sql, params) = (sql.to_owned(), params.to_vec());
-        self.run(move |connection| run_execute(connection, &sql, &params)).await
+        self.send(|reply| TxCommand::Execute { sql, params, reply }).await
     }
 }
 
@@ -234,28 +296,236 @@ impl Executor for SqliteTransaction {
 impl Transaction for SqliteTransaction {
     async fn execute_script(&mut self, sql: &str) -> DbResult<()> {
         let sql = sql.to_owned();
-        self.run(move |connection| connection.execute_batch(&sql).map_err(|error| map_error(Some(connection), error)))
-            .await
+        self.send(|reply| TxCommand::Script { sql, reply }).await
     }
 
-    async fn commit(self: Box<Self>) -> DbResult<()> {
-        self.finish("COMMIT").await
+    async fn commit(mut self: Box<Self>) -> DbResult<()> {
+        let result = self.send(|reply| TxCommand::Commit { reply }).await;
+        self.statements = None;
+        result
     }
 
-    async fn rollback(self: Box<Self>) -> DbResult<()> {
-        self.finish("ROLLBACK").await
+    async fn rollback(mut self: Box<Self>) -> DbResult<()> {
+        let result = self.send(|reply| TxCommand::Rollback { reply }).await;
+        self.statements = None;
+        result
     }
 }
 
-impl Drop for SqliteTransaction {
-    fn drop(&mut self) {
-        // Rolling back only discards this connection's uncommitted pages (no
-        // fsync), so doing it synchronously here is cheap.
-        if let Some(guard) = self.guard.take()
-            && !guard.is_autocommit()
-            && let Err(error) = guard.execute_batch("ROLLBACK")
-        {
-            tracing::warn!(%error, "sqlite rollback failed; the next user of the connection retries it");
+/// How a logical transaction ended on the writer.
+enum Ended {
+    /// Released into the group; acknowledged when the group commits.
+    Released(Acknowledgement),
+    RolledBack,
+    /// SQLite rolled back the whole group (an I/O error, say).
+    GroupLost(DbError),
+}
+
+/// The writer thread's state.
+struct Writer {
+    connection: Connection,
+    group_commit: bool,
+    /// Logical commits waiting for the group's COMMIT.
+    pending: Vec<Acknowledgement>,
+    in_group: bool,
+    group_started: std::time::Instant,
+}
+
+const SAVEPOINT: &str = "SAVEPOINT beseda_tx";
+const RELEASE: &str = "RELEASE beseda_tx";
+const ROLLBACK_SAVEPOINT: &str = "ROLLBACK TO beseda_tx; RELEASE beseda_tx";
+
+impl Writer {
+    fn run(mut self, commands: mpsc::Receiver<WriterCommand>) {
+        loop {
+            let command = if self.pending.is_empty() {
+                match commands.recv() {
+                    Ok(command) => command,
+                    Err(_) => break,
+                }
+            } else if self.pending.len() >= MAX_GROUP_COMMIT || self.group_started.elapsed() >= MAX_GROUP_DURATION {
+                self.commit_group();
+                continue;
+            } else {
+                match commands.try_recv() {
+                    Ok(command) => command,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        self.commit_group();
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            };
+            self.handle(command);
+            if !self.group_commit {
+                self.commit_group();
+            }
+        }
+        self.commit_group();
+    }
+
+    fn batch(&self, sql: &str) -> DbResult<()> {
+        self.connection.execute_batch(sql).map_err(|error| map_error(Some(&self.connection), error))
+    }
+
+    fn open_group(&mut self) -> DbResult<()> {
+        if !self.in_group {
+            // IMMEDIATE takes the write lock now, so a group never fails
+            // half-way for lack of it.
+            self.batch("BEGIN IMMEDIATE")?;
+            self.in_group = true;
+            self.group_started = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, command: WriterCommand) {
+        match command {
+            WriterCommand::Query { sql, params, reply } => {
+                let _ = reply.send(run_query(&self.connection, &sql, &params));
+            }
+            WriterCommand::Execute { sql, params, reply } => {
+                if let Err(error) = self.open_group().and_then(|()| self.batch(SAVEPOINT)) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+                match run_execute(&self.connection, &sql, &params) {
+                    Ok(changed) => self.release(Box::new(move |result| {
+                        let _ = reply.send(result.map(|()| changed));
+                    })),
+                    Err(error) => {
+                        self.abandon();
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+            WriterCommand::Begin { reply } => {
+                if let Err(error) = self.open_group().and_then(|()| self.batch(SAVEPOINT)) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+                let (statements, incoming) = mpsc::channel();
+                if reply.send(Ok(statements)).is_err() {
+                    self.abandon();
+                    return;
+                }
+                match self.serve_transaction(&incoming) {
+                    Ended::Released(acknowledge) => self.pending.push(acknowledge),
+                    Ended::RolledBack => {}
+                    Ended::GroupLost(error) => self.fail_group(error),
+                }
+            }
+        }
+    }
+
+    /// Runs one logical transaction's statements until it commits, rolls
+    /// back or is dropped.
+    fn serve_transaction(&mut self, incoming: &mpsc::Receiver<TxCommand>) -> Ended {
+        loop {
+            let Ok(command) = incoming.recv() else {
+                self.abandon();
+                return Ended::RolledBack;
+            };
+            let failed = match command {
+                TxCommand::Query { sql, params, reply } => {
+                    let result = run_query(&self.connection, &sql, &params);
+                    let failed = result.is_err();
+                    let _ = reply.send(result);
+                    failed
+                }
+                TxCommand::Execute { sql, params, reply } => {
+                    let result = run_execute(&self.connection, &sql, &params);
+                    let failed = result.is_err();
+                    let _ = reply.send(result);
+                    failed
+                }
+                TxCommand::Script { sql, reply } => {
+                    let result = self.batch(&sql);
+                    let failed = result.is_err();
+                    let _ = reply.send(result);
+                    failed
+                }
+                TxCommand::Commit { reply } => {
+                    return match self.batch(RELEASE) {
+                        Ok(()) => Ended::Released(Box::new(move |result| {
+                            let _ = reply.send(result);
+                        })),
+                        Err(error) => {
+                            self.abandon();
+                            let _ = reply.send(Err(error));
+                            Ended::RolledBack
+                        }
+                    };
+                }
+                TxCommand::Rollback { reply } => {
+                    self.abandon();
+                    let _ = reply.send(Ok(()));
+                    return Ended::RolledBack;
+                }
+            };
+            // Some errors (I/O, disk full) make SQLite roll back the whole
+            // transaction, taking released savepoints of the group with it.
+            if failed && self.in_group && self.connection.is_autocommit() {
+                self.in_group = false;
+                return Ended::GroupLost(DbError::Unavailable(
+                    "sqlite rolled back the transaction after an error".into(),
+                ));
+            }
+        }
+    }
+
+    /// Releases a one-statement logical transaction into the group.
+    fn release(&mut self, acknowledge: Acknowledgement) {
+        match self.batch(RELEASE) {
+            Ok(()) => self.pending.push(acknowledge),
+            Err(error) => {
+                self.abandon();
+                acknowledge(Err(error));
+            }
+        }
+    }
+
+    /// Rolls the current logical transaction back, keeping the group.
+    fn abandon(&mut self) {
+        if self.connection.is_autocommit() {
+            self.in_group = false;
+            return;
+        }
+        if let Err(error) = self.batch(ROLLBACK_SAVEPOINT) {
+            tracing::warn!(?error, "sqlite savepoint rollback failed; abandoning the group");
+            self.fail_group(error);
+        }
+    }
+
+    fn fail_group(&mut self, error: DbError) {
+        if !self.connection.is_autocommit() {
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        self.in_group = false;
+        for acknowledge in self.pending.drain(..) {
+            acknowledge(Err(error.clone()));
+        }
+    }
+
+    fn commit_group(&mut self) {
+        if !self.in_group {
+            for acknowledge in self.pending.drain(..) {
+                acknowledge(Ok(()));
+            }
+            return;
+        }
+        metrics::histogram!("beseda_store_group_commit_size").record(self.pending.len() as f64);
+        match self.batch("COMMIT") {
+            Ok(()) => {
+                self.in_group = false;
+                for acknowledge in self.pending.drain(..) {
+                    acknowledge(Ok(()));
+                }
+            }
+            Err(error) => {
+                tracing::error!(?error, transactions = self.pending.len(), "sqlite group commit failed");
+                self.fail_group(error);
+            }
         }
     }
 }
