@@ -695,6 +695,58 @@ mod tests {
         tx.commit().await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_acknowledged_write_is_committed_when_acknowledged() {
+        // Many concurrent writers are grouped into few commits; each one's
+        // acknowledgement must mean "committed": another connection sees it.
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("beseda.db");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let mut writers = Vec::new();
+        for index in 0..64 {
+            let store = store.clone();
+            let path = path.clone();
+            writers.push(tokio::spawn(async move {
+                let id = format!("s{index}");
+                let mut tx = store.engine().begin().await.unwrap();
+                tx.execute(
+                    "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)",
+                    &[id.clone().into(), format!("{id}@example.com").into()],
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                let outsider = Connection::open(&path).unwrap();
+                let seen: i64 = outsider
+                    .query_row("SELECT COUNT(*) FROM subscribers WHERE id = ?1", [&id], |row| row.get(0))
+                    .unwrap();
+                assert_eq!(seen, 1, "{id} was acknowledged before it was committed");
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let rows = store.engine().query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+        assert_eq!(rows[0].int(0).unwrap(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_rolls_back_only_its_own_transaction() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("beseda.db")).unwrap();
+        let insert =
+            "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)";
+        let mut first = store.engine().begin().await.unwrap();
+        first.execute(insert, &["a".into(), "a@example.com".into()]).await.unwrap();
+        first.commit().await.unwrap();
+        let mut second = store.engine().begin().await.unwrap();
+        second.execute(insert, &["b".into(), "b@example.com".into()]).await.unwrap();
+        assert!(second.execute(insert, &["a".into(), "again@example.com".into()]).await.is_err());
+        second.rollback().await.unwrap();
+        let ids = store.engine().query("SELECT id FROM subscribers ORDER BY id", &[]).await.unwrap();
+        assert_eq!(ids.len(), 1, "only the committed transaction's row remains: {ids:?}");
+    }
+
     #[test]
     fn migrating_twice_applies_nothing_the_second_time() {
         let directory = tempfile::tempdir().unwrap();
