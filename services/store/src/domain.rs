@@ -635,9 +635,8 @@ impl crate::Store for SqlStore {
             let app = "$1";
             sql.push(if unread { " AND EXISTS " } else { " AND NOT EXISTS " });
             sql.push(&format!(
-                "(SELECT 1 FROM notifications n WHERE n.application_id = {app} AND n.user_id = {user} \
-                 AND n.conversation_id = c.id AND n.seq > COALESCE((SELECT r.read_seq FROM read_marks r \
-                 WHERE r.application_id = {app} AND r.user_id = {user} AND r.conversation_id = c.id), 0))"
+                "(SELECT 1 FROM unread_counters u WHERE u.application_id = {app} AND u.user_id = {user} \
+                 AND u.conversation_id = c.id AND u.unread > 0)"
             ));
             sql.push(" ORDER BY c.last_activity_at DESC, c.id DESC");
             sql
@@ -777,13 +776,18 @@ impl crate::Store for SqlStore {
             tx.execute(&sql.sql, &sql.params).await?;
 
             let mut sql = SqlBuilder::new(
-                "SELECT n.user_id, COUNT(*) FROM notifications n LEFT JOIN read_marks r \
-                 ON r.application_id = n.application_id AND r.user_id = n.user_id \
-                 AND r.conversation_id = n.conversation_id WHERE n.application_id = ",
+                "INSERT INTO unread_counters (application_id, user_id, conversation_id, unread) VALUES ",
             );
-            sql.push_bind(application_id).push(" AND n.conversation_id = ").push_bind(&stored.conversation_id);
-            sql.push(" AND n.seq > COALESCE(r.read_seq, 0) AND n.user_id IN ").push_in_list(chunk);
-            sql.push(" GROUP BY n.user_id");
+            let (app, conversation) = (sql.bind(application_id), sql.bind(&stored.conversation_id));
+            for (index, user_id) in chunk.iter().enumerate() {
+                let user = sql.bind(user_id);
+                let separator = if index == 0 { "" } else { ", " };
+                sql.push(&format!("{separator}({app}, {user}, {conversation}, 1)"));
+            }
+            sql.push(
+                " ON CONFLICT (application_id, user_id, conversation_id) \
+                 DO UPDATE SET unread = unread_counters.unread + 1 RETURNING user_id, unread",
+            );
             for row in tx.query(&sql.sql, &sql.params).await? {
                 counts.insert(row.text(0)?, row.uint(1)?);
             }
@@ -1092,6 +1096,12 @@ impl crate::Store for SqlStore {
             )
             .await?;
         let unread = rows.first().map_or(Ok(0), |row| row.uint(0))?;
+        tx.execute(
+            "INSERT INTO unread_counters (application_id, user_id, conversation_id, unread) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (application_id, user_id, conversation_id) DO UPDATE SET unread = excluded.unread",
+            &[ids[0].clone(), ids[1].clone(), ids[2].clone(), unread.into()],
+        )
+        .await?;
         tx.commit().await?;
         Ok(saturate(unread))
     }
@@ -1100,11 +1110,8 @@ impl crate::Store for SqlStore {
         let rows = self
             .engine
             .query(
-                "SELECT n.conversation_id, COUNT(*) FROM notifications n LEFT JOIN read_marks r \
-                 ON r.application_id = n.application_id AND r.user_id = n.user_id \
-                 AND r.conversation_id = n.conversation_id \
-                 WHERE n.application_id = $1 AND n.user_id = $2 AND n.seq > COALESCE(r.read_seq, 0) \
-                 GROUP BY n.conversation_id",
+                "SELECT conversation_id, unread FROM unread_counters \
+                 WHERE application_id = $1 AND user_id = $2 AND unread > 0",
                 &[application_id.into(), user_id.into()],
             )
             .await?;

@@ -25,7 +25,8 @@ use crate::migrate::{self, Migration};
 
 /// The PostgreSQL schema migrations, in order.
 const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") }];
+    &[Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") },
+    Migration { version: 2, sql: include_str!("../migrations/postgres/0002_unread_counters.sql") },];
 
 /// Serializes migrations of one schema across nodes. Transaction-scoped, so
 /// it is released with the migration's COMMIT (or a crash).

@@ -31,7 +31,8 @@ use crate::migrate::{self, Migration};
 
 /// The SQLite schema migrations, in order.
 const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/sqlite/0001_initial.sql") }];
+    &[Migration { version: 1, sql: include_str!("../migrations/sqlite/0001_initial.sql") },
+    Migration { version: 2, sql: include_str!("../migrations/sqlite/0002_unread_counters.sql") },];
 
 /// How long a statement waits for a lock held by another process (a backup
 /// tool, say) before failing with `unavailable`.
@@ -761,7 +762,7 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
         let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).unwrap();
         assert_eq!(mode, "wal");
     }
