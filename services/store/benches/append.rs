@@ -53,7 +53,13 @@ async fn fixture(store: Arc<dyn Store>) -> Fixture {
         last_seq: 0,
     };
     store.insert_conversation(&application.id, &conversation).await.unwrap();
-    Fixture { store, application_id: application.id, conversation_id: conversation.id, author_id: author.id, reader_id: reader.id }
+    Fixture {
+        store,
+        application_id: application.id,
+        conversation_id: conversation.id,
+        author_id: author.id,
+        reader_id: reader.id,
+    }
 }
 
 async fn append_concurrently(fixture: &Arc<Fixture>, writers: usize) {

@@ -268,26 +268,7 @@ impl crate::Store for SqlStore {
                  phone, email, matching_key, infobase_user_id, blocked, subscriber_administrator, \
                  external_system_type, external_system_user_id, authentication_email, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-                &[
-                    application_id.into(),
-                    (&user.id).into(),
-                    user.kind.as_str().into(),
-                    (&user.name).into(),
-                    user.name.to_lowercase().into(),
-                    (&user.full_name).into(),
-                    user.full_name.to_lowercase().into(),
-                    user.picture.as_slice().into(),
-                    (&user.phone).into(),
-                    (&user.email).into(),
-                    (&user.matching_key).into(),
-                    user.infobase_user_id.as_ref().into(),
-                    user.blocked.into(),
-                    user.subscriber_administrator.into(),
-                    (&user.external_system_type).into(),
-                    (&user.external_system_user_id).into(),
-                    (&user.authentication_email).into(),
-                    user.created_at.into(),
-                ],
+                &user_params(application_id, user, true),
             )
             .await;
         result.map(drop).map_err(user_write_error)
@@ -327,25 +308,7 @@ impl crate::Store for SqlStore {
                  picture = $8, phone = $9, email = $10, matching_key = $11, infobase_user_id = $12, blocked = $13, \
                  subscriber_administrator = $14, external_system_type = $15, external_system_user_id = $16, \
                  authentication_email = $17 WHERE application_id = $1 AND id = $2",
-                &[
-                    application_id.into(),
-                    (&user.id).into(),
-                    user.kind.as_str().into(),
-                    (&user.name).into(),
-                    user.name.to_lowercase().into(),
-                    (&user.full_name).into(),
-                    user.full_name.to_lowercase().into(),
-                    user.picture.as_slice().into(),
-                    (&user.phone).into(),
-                    (&user.email).into(),
-                    (&user.matching_key).into(),
-                    user.infobase_user_id.as_ref().into(),
-                    user.blocked.into(),
-                    user.subscriber_administrator.into(),
-                    (&user.external_system_type).into(),
-                    (&user.external_system_user_id).into(),
-                    (&user.authentication_email).into(),
-                ],
+                &user_params(application_id, user, false),
             )
             .await;
         match result.map_err(user_write_error)? {
@@ -1123,6 +1086,35 @@ impl crate::Store for SqlStore {
 }
 
 // ---- helpers shared by transactions and autocommit reads
+
+/// The parameters of the users table in column order: `$1` application id,
+/// `$2` id, then every property ($3..$17), then creation time ($18) when
+/// inserting. Insert and update bind the same list so they cannot disagree.
+fn user_params(application_id: &str, user: &User, with_created_at: bool) -> Vec<Value> {
+    let mut params: Vec<Value> = vec![
+        application_id.into(),
+        (&user.id).into(),
+        user.kind.as_str().into(),
+        (&user.name).into(),
+        user.name.to_lowercase().into(),
+        (&user.full_name).into(),
+        user.full_name.to_lowercase().into(),
+        user.picture.as_slice().into(),
+        (&user.phone).into(),
+        (&user.email).into(),
+        (&user.matching_key).into(),
+        user.infobase_user_id.as_ref().into(),
+        user.blocked.into(),
+        user.subscriber_administrator.into(),
+        (&user.external_system_type).into(),
+        (&user.external_system_user_id).into(),
+        (&user.authentication_email).into(),
+    ];
+    if with_created_at {
+        params.push(user.created_at.into());
+    }
+    params
+}
 
 fn saturate(count: u64) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)

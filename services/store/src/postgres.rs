@@ -24,9 +24,10 @@ use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value
 use crate::migrate::{self, Migration};
 
 /// The PostgreSQL schema migrations, in order.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") },
-    Migration { version: 2, sql: include_str!("../migrations/postgres/0002_unread_counters.sql") },];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") },
+    Migration { version: 2, sql: include_str!("../migrations/postgres/0002_unread_counters.sql") },
+];
 
 /// Serializes migrations of one schema across nodes. Transaction-scoped, so
 /// it is released with the migration's COMMIT (or a crash).

@@ -30,9 +30,10 @@ use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value
 use crate::migrate::{self, Migration};
 
 /// The SQLite schema migrations, in order.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/sqlite/0001_initial.sql") },
-    Migration { version: 2, sql: include_str!("../migrations/sqlite/0002_unread_counters.sql") },];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, sql: include_str!("../migrations/sqlite/0001_initial.sql") },
+    Migration { version: 2, sql: include_str!("../migrations/sqlite/0002_unread_counters.sql") },
+];
 
 /// How long a statement waits for a lock held by another process (a backup
 /// tool, say) before failing with `unavailable`.
