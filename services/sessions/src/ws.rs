@@ -199,7 +199,9 @@ impl Connection {
             };
             for event in page.events {
                 let seq = event.seq;
-                self.push(server_frame::Body::Event(event))?;
+                // Replay waits for the client instead of counting as a slow
+                // consumer: a resume may be far larger than the queue.
+                self.reply(0, self.encoding, server_frame::Body::Event(event)).await?;
                 self.conversations.insert(conversation_id.to_owned(), seq);
             }
             if !page.more {
@@ -285,6 +287,15 @@ impl Connection {
             .await
             .map_err(|status| status::from_status(&status))?
             .into_inner();
+        if subscribe.after_seq > conversation.last_seq {
+            return Err(Error::invalid(
+                "afterSeq",
+                format!(
+                    "afterSeq {} is ahead of the conversation's last seq {}; resume from a seq this conversation has sent",
+                    subscribe.after_seq, conversation.last_seq
+                ),
+            ));
+        }
         let topic = Topic::Conversation {
             application_id: self.caller.application_id.clone(),
             conversation_id: conversation.id.clone(),

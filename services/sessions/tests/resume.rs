@@ -228,3 +228,46 @@ async fn a_burst_larger_than_the_bus_buffer_arrives_complete_once_and_in_order()
         assert_eq!((*seq, text.as_str()), (expected_seq, format!("m{expected_seq}").as_str()), "event {index}");
     }
 }
+
+#[tokio::test]
+async fn a_resume_far_larger_than_the_send_queue_is_delivered_whole() {
+    let harness = start().await;
+    let (mut socket, conversation_id, caller) = subscribed(&harness).await;
+    let unsubscribe = json!({"requestId": "2", "unsubscribe": {"conversationId": conversation_id}});
+    socket.send(WsMessage::Text(unsubscribe.to_string().into())).await.unwrap();
+    // While unsubscribed, far more events than one connection may queue,
+    // each big enough that together they overflow the sockets' buffers too.
+    let total = GatewayConfig::default().send_queue_capacity * 3;
+    let padding = "x".repeat(3_900);
+    for index in 1..=total {
+        store_silently(&harness, &caller, &conversation_id, &format!("m{index} {padding}")).await;
+    }
+    let resume = json!({"requestId": "3", "subscribe": {"conversation": {"id": conversation_id}, "afterSeq": "1"}});
+    socket.send(WsMessage::Text(resume.to_string().into())).await.unwrap();
+    // A client that is slow to start reading: the replay must wait for it,
+    // not drop it as a slow consumer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = texts_of_next_events(&mut socket, total - 1).await;
+    for (index, (seq, text)) in seen.iter().enumerate() {
+        let expected_seq = index as u64 + 2;
+        let expected_text = format!("m{expected_seq} {padding}");
+        assert_eq!(*seq, expected_seq, "event {index}");
+        assert!(*text == expected_text, "event {index} has the wrong text");
+    }
+}
+
+#[tokio::test]
+async fn resuming_from_a_seq_the_conversation_never_reached_is_refused() {
+    let harness = start().await;
+    let (mut socket, conversation_id, _) = subscribed(&harness).await;
+    let resume = json!({"requestId": "9", "subscribe": {"conversation": {"id": conversation_id}, "afterSeq": "50"}});
+    socket.send(WsMessage::Text(resume.to_string().into())).await.unwrap();
+    let answer = loop {
+        let frame = next_frame(&mut socket).await;
+        if frame["requestId"] == "9" {
+            break frame;
+        }
+    };
+    assert_eq!(answer["error"]["code"], "invalid_value", "{answer}");
+    assert_eq!(answer["error"]["field"], "afterSeq");
+}
