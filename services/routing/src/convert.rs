@@ -92,7 +92,7 @@ pub fn conversation_to_wire(conversation: &domain::Conversation, unread_count: u
         id: conversation.id.clone(),
         key: conversation.key.clone().unwrap_or_default(),
         title: conversation.title.clone(),
-        displayed: conversation.displayed,
+        displayed: Some(conversation.displayed),
         read_only: conversation.read_only,
         group: conversation.group,
         context: conversation.context.as_ref().map(context_to_wire),

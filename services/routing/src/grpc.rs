@@ -326,7 +326,7 @@ impl Routing for RoutingService {
             let new_conversation = NewConversation {
                 key: non_empty(&conversation.key),
                 title: conversation.title.trim().to_owned(),
-                displayed: conversation.displayed,
+                displayed: conversation.displayed.unwrap_or(true),
                 read_only: conversation.read_only,
                 group: conversation.group,
                 context,

@@ -84,13 +84,19 @@ impl RoutingService {
     /// Who gets a notification for a new message (§29.3.4): in a context
     /// conversation its recipients plus those watching it; otherwise every
     /// member who has not switched watching off. Never the author,
-    /// integration users or blocked users.
+    /// integration users or blocked users, and nobody for a conversation
+    /// that is not displayed.
     async fn notification_targets(
         &self,
         caller: &Caller,
         conversation: &Conversation,
         message: &Message,
     ) -> Result<Vec<String>> {
+        // API-only conversations (Displayed = false) are not shown to people,
+        // so nobody is alerted about them.
+        if !conversation.displayed {
+            return Ok(Vec::new());
+        }
         let audience = self.store.notification_audience(&caller.application_id, &conversation.id).await?;
         let watching =
             |user_id: &str| audience.watch_modes.iter().find(|(id, _)| id == user_id).map(|(_, watch)| *watch);

@@ -682,3 +682,50 @@ async fn an_update_that_changes_nothing_is_refused_and_changes_nothing() {
     let events = server.ok("GET", &format!("/api/v1/conversations/{conversation_id}/events"), &alice, None).await;
     assert_eq!(events["events"].as_array().unwrap().len(), 1, "only the message was logged: {events}");
 }
+
+#[tokio::test]
+async fn api_only_conversations_are_neither_listed_nor_notified() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
+    let (bob_id, bob) = user(&server, &application, "b1", "Bob").await;
+    let app = application.privileged();
+    // Displayed defaults to true; false makes a conversation API-only.
+    let shown = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Shown", "group": true, "memberIds": [alice_id, bob_id]}})),
+        )
+        .await;
+    assert_eq!(shown["displayed"], true, "{shown}");
+    let hidden = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &app,
+            Some(json!({"conversation": {"title": "Exchange", "group": true, "displayed": false, "memberIds": [alice_id, bob_id]}})),
+        )
+        .await;
+    assert_eq!(hidden["displayed"], false, "{hidden}");
+    let hidden_id = hidden["id"].as_str().unwrap();
+    let mut bob_client = Client::connect(&server, &application.token("b1", "Bob")).await;
+    server
+        .ok(
+            "POST",
+            &format!("/api/v1/conversations/{hidden_id}/messages"),
+            &alice,
+            Some(json!({"text": "data exchange"})),
+        )
+        .await;
+    bob_client.expect_no_user_event("notification", Duration::from_millis(300)).await;
+    let list = server.ok("GET", "/api/v1/conversation-list", &bob, None).await;
+    let listed: Vec<&str> =
+        list["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [shown["id"].as_str().unwrap()]);
+    // It is still reachable through the API.
+    let messages =
+        server.ok("POST", &format!("/api/v1/conversations/{hidden_id}/messages/search"), &bob, Some(json!({}))).await;
+    assert_eq!(messages["messages"][0]["text"], "data exchange");
+}

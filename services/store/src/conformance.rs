@@ -740,6 +740,10 @@ pub async fn conversation_list_puts_unread_first_and_pads_to_the_requested_size(
     append(store, app, message_in("cl-other", "peer", "other", 7_500), &["peer"]).await;
     // cl-4 had activity but nothing unread for me.
     append(store, app, message_in("cl-4", "me", "mine", 4_500), &["peer"]).await;
+    // An API-only conversation never shows in the list, unread or not.
+    let hidden = Conversation { displayed: false, ..conversation_with("cl-hidden", &["me", "peer"], 8_000) };
+    store.insert_conversation(app, &hidden).await.unwrap();
+    append(store, app, message_in("cl-hidden", "peer", "hidden", 8_500), &["me"]).await;
 
     let list =
         |pad_to| async move { conversation_ids(&store.conversation_list(app, "me", pad_to).await.unwrap()).join(",") };

@@ -593,7 +593,8 @@ impl crate::Store for SqlStore {
     async fn conversation_list(&self, application_id: &str, user_id: &str, pad_to: usize) -> Result<Vec<Conversation>> {
         let build = |unread: bool| {
             let mut sql = conversation_select(application_id);
-            sql.push(" AND c.context_object_type IS NULL");
+            // The list is what the user sees: API-only (not displayed) conversations stay out.
+            sql.push(" AND c.context_object_type IS NULL AND c.displayed = TRUE");
             let user = push_accessible_to(&mut sql, user_id);
             let app = "$1";
             sql.push(if unread { " AND EXISTS " } else { " AND NOT EXISTS " });

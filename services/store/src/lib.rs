@@ -193,10 +193,10 @@ pub trait Store: Send + Sync + 'static {
         change: &ConversationChange,
     ) -> Result<(Conversation, ConversationEvent)>;
     async fn list_conversations(&self, application_id: &str, query: &ConversationQuery) -> Result<Vec<Conversation>>;
-    /// The conversation list rule (§29.4.4.1): every non-context conversation
-    /// the user can access that has unread notifications (newest first), then
-    /// the user's other non-context conversations by last activity, newest
-    /// first, until `pad_to` entries.
+    /// The conversation list rule (§29.4.4.1): every displayed non-context
+    /// conversation the user can access that has unread notifications (newest
+    /// first), then the user's other displayed non-context conversations by
+    /// last activity, newest first, until `pad_to` entries.
     async fn conversation_list(&self, application_id: &str, user_id: &str, pad_to: usize) -> Result<Vec<Conversation>>;
     /// Grants or revokes the Read right on a context conversation.
     async fn set_context_access(
