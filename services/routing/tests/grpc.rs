@@ -1,0 +1,126 @@
+//! The routing service across a real gRPC connection: the same operations
+//! reached through `RemoteRouting` (what a gateway in another process holds)
+//! behave exactly as in process, typed errors included.
+
+use std::sync::Arc;
+
+use beseda_bus::InProcessBus;
+use beseda_core::ErrorCode;
+use beseda_core::model::{Application, ApplicationState, new_id, now_micros};
+use beseda_proto::v1 as wire;
+use beseda_proto::v1::routing_server::{Routing, RoutingServer};
+use beseda_routing::mail::OutboxMailer;
+use beseda_routing::remote::RemoteRouting;
+use beseda_routing::{Caller, RoutingConfig, RoutingService, status};
+use beseda_store::Store;
+
+async fn remote_routing(directory: &tempfile::TempDir) -> (RemoteRouting, Application) {
+    let store: Arc<dyn Store> =
+        Arc::new(beseda_store::sqlite::SqliteStore::open(&directory.path().join("b.db")).unwrap());
+    let subscriber = store.upsert_subscriber("owner@example.com").await.unwrap();
+    let application = Application {
+        id: new_id(),
+        subscriber_id: subscriber.id,
+        name: "Remote".into(),
+        key: Some("remote-key".into()),
+        state: ApplicationState::Registered,
+        created_at: now_micros(),
+    };
+    store.insert_application(&application).await.unwrap();
+    let mailer = Arc::new(OutboxMailer::new(directory.path().join("outbox"), "beseda@localhost").unwrap());
+    let service = RoutingService::new(
+        store,
+        Arc::new(InProcessBus::new()),
+        mailer,
+        RoutingConfig { public_url: "http://test".into() },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RoutingServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (RemoteRouting::connect_lazy(&format!("http://{address}")).unwrap(), application)
+}
+
+fn user_token(application: &Application, infobase_id: &str, name: &str) -> String {
+    let now = now_micros() / 1_000_000;
+    let claims = serde_json::json!({
+        "iss": application.id, "aud": "beseda", "sub": infobase_id, "name": name, "iat": now, "exp": now + 600
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(application.key.as_deref().unwrap().as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn operations_and_typed_errors_cross_a_real_grpc_connection() {
+    let directory = tempfile::tempdir().unwrap();
+    let (routing, application) = remote_routing(&directory).await;
+
+    // Authenticate over gRPC: the caller comes back and is then sent as metadata.
+    let credentials = wire::AuthenticateRequest {
+        credentials: Some(wire::authenticate_request::Credentials::UserToken(user_token(&application, "a1", "Alice"))),
+    };
+    let authenticated = routing.authenticate(tonic::Request::new(credentials)).await.unwrap().into_inner();
+    let caller = Caller::from_wire(authenticated.caller.unwrap()).unwrap();
+    assert_eq!(caller.application_id, application.id);
+    assert_eq!(authenticated.user.unwrap().name, "Alice");
+
+    let conversation = routing
+        .create_conversation(caller.request(wire::CreateConversationRequest {
+            conversation: Some(wire::Conversation { title: "Over gRPC".into(), group: true, ..Default::default() }),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let sent = routing
+        .send_message(caller.request(wire::SendMessageRequest {
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id(conversation.id.clone())),
+            }),
+            text: "hello across processes".into(),
+            client_message_id: "once".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.seq, 1);
+
+    // A limit violation arrives as the same typed error, field included.
+    let too_long = routing
+        .send_message(caller.request(wire::SendMessageRequest {
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id(conversation.id.clone())),
+            }),
+            text: "x".repeat(4001),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    let error = status::from_status(&too_long);
+    assert_eq!(error.code, ErrorCode::TextTooLong);
+    assert_eq!(error.field.as_deref(), Some("text"));
+    assert_eq!(too_long.code(), tonic::Code::InvalidArgument);
+
+    // No caller metadata: refused, never defaulted to some tenant.
+    let anonymous = routing.get_unread_counts(tonic::Request::new(wire::Empty {})).await.unwrap_err();
+    assert_eq!(status::from_status(&anonymous).code, ErrorCode::Unauthenticated);
+}
+
+#[tokio::test]
+async fn an_unreachable_routing_node_is_a_typed_unavailable_error() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let routing = RemoteRouting::connect_lazy(&format!("http://127.0.0.1:{port}")).unwrap();
+    let failure = routing.get_server_info(tonic::Request::new(wire::Empty {})).await.unwrap_err();
+    assert_eq!(status::from_status(&failure).code, ErrorCode::Unavailable);
+    assert!(RemoteRouting::connect_lazy("not a url").is_err());
+}
