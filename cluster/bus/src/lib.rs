@@ -33,20 +33,6 @@ pub enum Topic {
     Application { application_id: String },
 }
 
-impl Topic {
-    /// A stable channel name (also used as the Redis channel later).
-    pub fn channel_name(&self) -> String {
-        match self {
-            Topic::Conversation { application_id, conversation_id } => {
-                format!("beseda.{application_id}.c.{conversation_id}")
-            }
-            Topic::User { application_id, user_id } => format!("beseda.{application_id}.u.{user_id}"),
-            Topic::Presence { application_id, user_id } => format!("beseda.{application_id}.p.{user_id}"),
-            Topic::Application { application_id } => format!("beseda.{application_id}.a"),
-        }
-    }
-}
-
 /// One received item.
 #[derive(Debug)]
 pub enum Received {

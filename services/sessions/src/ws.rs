@@ -640,11 +640,6 @@ async fn run_connection(
     }
 }
 
-/// Shared-state-free helper for tests: a connection count of this process.
-pub fn connections_gauge_name() -> &'static str {
-    "beseda_ws_connections"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
