@@ -105,7 +105,7 @@ error_codes! {
     ApplicationHasNoUsers = "application_has_no_users", FailedPrecondition, "Create at least one infobase user before registering the application.";
     ProtocolVersionUnsupported = "protocol_version_unsupported", FailedPrecondition, "Upgrade the client (or the server) so that the client's protocol version is within the server's supported range given in the message.";
     HelloRequired = "hello_required", FailedPrecondition, "Send a Hello frame (protocol version and user token) as the first frame of the connection.";
-    TooManyAttempts = "too_many_attempts", ResourceExhausted, "Too many wrong codes for this e-mail; wait an hour, then request a new code.";
+    TooManyAttempts = "too_many_attempts", ResourceExhausted, "Too many wrong codes, or too many code e-mails, for this address; wait for the time the message names.";
     SlowConsumer = "slow_consumer", ResourceExhausted, "The client read too slowly and its queue overflowed; reconnect and resume from the last seq.";
     Unavailable = "unavailable", Unavailable, "A backing service is unavailable; retry with backoff (sends with clientMessageId are safe to retry).";
     Internal = "internal", Internal, "An unexpected server error; retry, and report it with the request id if it persists.";

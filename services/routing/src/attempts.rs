@@ -1,9 +1,11 @@
-//! Limits guessing of the eight-digit codes sent by e-mail (activation and
-//! temporary administration codes): after too many wrong codes for one
-//! e-mail address within a window, further attempts are refused until the
-//! window passes, however right the code.
+//! Counts events per e-mail address within a window and refuses more than a
+//! limit. Two uses: guessing the eight-digit codes sent by e-mail (after too
+//! many wrong codes further attempts are refused until the window passes,
+//! however right the code), and e-mail bombing through the public
+//! registration and temporary-code calls (a bounded number of mails per
+//! address and hour).
 //!
-//! The count is kept per routing process; in a cluster each node allows the
+//! Counts are kept per routing process; in a cluster each node allows the
 //! limit, which still keeps a guess far below the 10^8 code space.
 
 use std::time::{Duration, Instant};
@@ -13,16 +15,20 @@ use dashmap::DashMap;
 
 /// Wrong codes allowed per e-mail address and window.
 pub const MAX_WRONG_CODES: u32 = 10;
+/// Code e-mails (activation, temporary administration) per address and window.
+pub const MAX_CODE_MAILS: u32 = 5;
 
 pub struct AttemptLimiter {
     failures: DashMap<String, (u32, Instant)>,
     limit: u32,
     window: Duration,
+    /// What is counted, for the error message: "wrong codes were given".
+    counted: &'static str,
 }
 
 impl AttemptLimiter {
-    pub fn new(limit: u32, window: Duration) -> Self {
-        AttemptLimiter { failures: DashMap::new(), limit, window }
+    pub fn new(limit: u32, window: Duration, counted: &'static str) -> Self {
+        AttemptLimiter { failures: DashMap::new(), limit, window, counted }
     }
 
     /// Refuses when the address used up its wrong attempts in this window.
@@ -38,15 +44,14 @@ impl AttemptLimiter {
             let wait_minutes = (self.window - since.elapsed()).as_secs().div_ceil(60);
             return Err(Error::new(
                 ErrorCode::TooManyAttempts,
-                format!(
-                    "{count} wrong codes were given for {email}; try again in {wait_minutes} minutes with a new code"
-                ),
+                format!("{count} {} for {email}; try again in {wait_minutes} minutes", self.counted),
             ));
         }
         Ok(())
     }
 
-    pub fn failed(&self, email: &str) {
+    /// Counts one event for the address.
+    pub fn record(&self, email: &str) {
         let mut entry = self.failures.entry(email.to_owned()).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= self.window {
             *entry = (0, Instant::now());
@@ -54,7 +59,8 @@ impl AttemptLimiter {
         entry.0 += 1;
     }
 
-    pub fn succeeded(&self, email: &str) {
+    /// Forgets the address's count (a right code was given).
+    pub fn clear(&self, email: &str) {
         self.failures.remove(email);
     }
 }
@@ -65,10 +71,10 @@ mod tests {
 
     #[test]
     fn guessing_stops_after_the_limit_and_resumes_after_the_window() {
-        let limiter = AttemptLimiter::new(3, Duration::from_millis(50));
+        let limiter = AttemptLimiter::new(3, Duration::from_millis(50), "wrong codes were given");
         for _ in 0..3 {
             limiter.check("a@example.com").unwrap();
-            limiter.failed("a@example.com");
+            limiter.record("a@example.com");
         }
         assert_eq!(limiter.check("a@example.com").unwrap_err().code, ErrorCode::TooManyAttempts);
         assert!(limiter.check("b@example.com").is_ok(), "other addresses are not affected");
@@ -77,11 +83,19 @@ mod tests {
     }
 
     #[test]
+    fn the_refusal_says_what_was_counted_and_when_to_retry() {
+        let limiter = AttemptLimiter::new(1, Duration::from_secs(3600), "code e-mails were sent within an hour");
+        limiter.record("a@example.com");
+        let message = limiter.check("a@example.com").unwrap_err().message;
+        assert_eq!(message, "1 code e-mails were sent within an hour for a@example.com; try again in 60 minutes");
+    }
+
+    #[test]
     fn a_right_code_clears_the_count() {
-        let limiter = AttemptLimiter::new(2, Duration::from_secs(60));
-        limiter.failed("a@example.com");
-        limiter.succeeded("a@example.com");
-        limiter.failed("a@example.com");
+        let limiter = AttemptLimiter::new(2, Duration::from_secs(60), "wrong codes were given");
+        limiter.record("a@example.com");
+        limiter.clear("a@example.com");
+        limiter.record("a@example.com");
         assert!(limiter.check("a@example.com").is_ok());
     }
 }

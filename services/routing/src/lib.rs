@@ -52,6 +52,7 @@ pub struct RoutingService {
     mailer: Arc<dyn mail::Mailer>,
     config: Arc<RoutingConfig>,
     code_attempts: Arc<attempts::AttemptLimiter>,
+    code_mails: Arc<attempts::AttemptLimiter>,
 }
 
 impl RoutingService {
@@ -64,6 +65,12 @@ impl RoutingService {
             code_attempts: Arc::new(attempts::AttemptLimiter::new(
                 attempts::MAX_WRONG_CODES,
                 std::time::Duration::from_secs(3600),
+                "wrong codes were given",
+            )),
+            code_mails: Arc::new(attempts::AttemptLimiter::new(
+                attempts::MAX_CODE_MAILS,
+                std::time::Duration::from_secs(3600),
+                "code e-mails were sent within an hour",
             )),
         }
     }

@@ -105,6 +105,7 @@ impl RoutingService {
     /// Step 1: e-mail an activation code. Returns the address it went to.
     pub async fn request_registration(&self, request: &RegistrationRequest) -> Result<String> {
         let (email, application_id) = self.resolve_registration(request).await?;
+        self.code_mails.check(&email)?;
         let code = new_code();
         let activation = PendingActivation {
             email: email.clone(),
@@ -119,6 +120,7 @@ impl RoutingService {
             activation.application_name, self.config.public_url
         );
         self.mailer.send(&email, "Beseda: application activation code", &body).await?;
+        self.code_mails.record(&email);
         tracing::info!(email = %email, "activation code sent");
         Ok(email)
     }
@@ -138,11 +140,11 @@ impl RoutingService {
         let activation =
             match self.store.take_pending_activation(&email, &hash_secret(activation_code), now_micros()).await? {
                 Some(activation) => {
-                    self.code_attempts.succeeded(&email);
+                    self.code_attempts.clear(&email);
                     activation
                 }
                 None => {
-                    self.code_attempts.failed(&email);
+                    self.code_attempts.record(&email);
                     return Err(Error::new(
                         ErrorCode::ActivationCodeInvalid,
                         "the activation code is wrong, used or expired; request a new one",
@@ -297,6 +299,7 @@ impl RoutingService {
             tracing::info!(email = %email, "temporary code requested for an unknown subscriber");
             return Ok(());
         };
+        self.code_mails.check(&subscriber.email)?;
         let code = new_code();
         self.store
             .put_temporary_code(&subscriber.id, &hash_secret(&code), now_micros() + TEMPORARY_CODE_TTL_MICROS)
@@ -304,7 +307,9 @@ impl RoutingService {
         let body = format!(
             "Your temporary Beseda administration code is:\n\n    {code}\n\nIt is valid for 24 hours or until first use. The administration key stays unchanged.\n"
         );
-        self.mailer.send(&subscriber.email, "Beseda: temporary administration code", &body).await
+        self.mailer.send(&subscriber.email, "Beseda: temporary administration code", &body).await?;
+        self.code_mails.record(&subscriber.email);
+        Ok(())
     }
 
     /// Checks a proof of subscriber administration rights.
@@ -348,9 +353,9 @@ impl RoutingService {
                 let accepted =
                     self.store.consume_temporary_code(&subscriber.id, &hash_secret(code), now_micros()).await?;
                 if accepted {
-                    self.code_attempts.succeeded(&subscriber.email);
+                    self.code_attempts.clear(&subscriber.email);
                 } else {
-                    self.code_attempts.failed(&subscriber.email);
+                    self.code_attempts.record(&subscriber.email);
                 }
                 accepted
             }

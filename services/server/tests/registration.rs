@@ -908,3 +908,26 @@ async fn guessing_codes_is_cut_off_after_ten_wrong_ones() {
     let listed = server.ok("GET", administrators, &other.privileged(), None).await;
     assert_eq!(listed["userIds"].as_array().map(Vec::len).unwrap_or(0), 0, "nobody became an administrator: {listed}");
 }
+
+#[tokio::test]
+async fn the_public_registration_call_cannot_be_used_to_flood_an_address_with_mail() {
+    let server = TestServer::start().await;
+    let request = json!({"email": "victim@example.com", "applicationName": "Spam", "applicationUserCount": 1});
+    for _ in 0..5 {
+        server.ok("POST", "/api/v1/registration/request", &Auth::None, Some(request.clone())).await;
+    }
+    let mails_before = std::fs::read_dir(&server.outbox).unwrap().count();
+    let error =
+        server.fails("POST", "/api/v1/registration/request", &Auth::None, Some(request), "too_many_attempts").await;
+    assert!(error["message"].as_str().unwrap().contains("victim@example.com"), "{error}");
+    assert_eq!(std::fs::read_dir(&server.outbox).unwrap().count(), mails_before, "no sixth mail was sent");
+    // Another address is not affected.
+    server
+        .ok(
+            "POST",
+            "/api/v1/registration/request",
+            &Auth::None,
+            Some(json!({"email": "other@example.com", "applicationName": "Fine", "applicationUserCount": 1})),
+        )
+        .await;
+}
