@@ -311,20 +311,21 @@ impl RoutingService {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let added_users = self.members_for_change(caller, &added, "addMemberIds").await?;
-        if conversation.context.is_some() && added_users.iter().any(|user| user.kind == UserKind::External) {
-            return Err(Error::new(ErrorCode::UserKindRestricted, "external users cannot join context conversations")
-                .with_field("addMemberIds"));
-        }
-        let removed =
-            change.remove_member_ids.iter().filter(|id| conversation.member_ids.binary_search(id).is_ok()).count();
-        let resulting = conversation.member_ids.len() + added.len() - removed;
+        // Count before looking anyone up, so an oversized request costs no queries.
+        let removed: BTreeSet<&String> =
+            change.remove_member_ids.iter().filter(|id| conversation.member_ids.binary_search(id).is_ok()).collect();
+        let resulting = conversation.member_ids.len() + added.len() - removed.len();
         if resulting > MAX_MEMBERS {
             return Err(Error::new(
                 ErrorCode::TooManyMembers,
                 format!("the conversation would have {resulting} members; at most {MAX_MEMBERS} are allowed"),
             )
             .with_field("addMemberIds"));
+        }
+        let added_users = self.members_for_change(caller, &added, "addMemberIds").await?;
+        if conversation.context.is_some() && added_users.iter().any(|user| user.kind == UserKind::External) {
+            return Err(Error::new(ErrorCode::UserKindRestricted, "external users cannot join context conversations")
+                .with_field("addMemberIds"));
         }
         let change = ConversationChange { add_member_ids: added, ..change };
         self.apply_conversation_change(caller, &conversation, change).await

@@ -729,3 +729,20 @@ async fn api_only_conversations_are_neither_listed_nor_notified() {
         server.ok("POST", &format!("/api/v1/conversations/{hidden_id}/messages/search"), &bob, Some(json!({}))).await;
     assert_eq!(messages["messages"][0]["text"], "data exchange");
 }
+
+#[tokio::test]
+async fn membership_changes_count_each_member_once_and_respect_the_limit() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, _) = user(&server, &application, "a1", "Alice").await;
+    let (bob_id, _) = user(&server, &application, "b1", "Bob").await;
+    let app = application.privileged();
+    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let path = format!("/api/v1/conversations/{conversation_id}");
+    // The same member named many times is removed once, and nothing overflows.
+    let removed = server.ok("PATCH", &path, &app, Some(json!({"removeMemberIds": [bob_id, bob_id, bob_id]}))).await;
+    assert_eq!(removed["memberIds"], json!([alice_id]));
+    // An oversized addition is refused before anyone is looked up.
+    let crowd: Vec<String> = (0..3000).map(|index| format!("user-{index}")).collect();
+    server.fails("PATCH", &path, &app, Some(json!({"addMemberIds": crowd})), "too_many_members").await;
+}
