@@ -41,7 +41,7 @@ impl AttemptLimiter {
             return Ok(());
         }
         if count >= self.limit {
-            let wait_minutes = (self.window - since.elapsed()).as_secs().div_ceil(60);
+            let wait_minutes = self.window.saturating_sub(since.elapsed()).as_secs().div_ceil(60);
             return Err(Error::new(
                 ErrorCode::TooManyAttempts,
                 format!("{count} {} for {email}; try again in {wait_minutes} minutes", self.counted),

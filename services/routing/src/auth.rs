@@ -148,7 +148,7 @@ impl RoutingService {
                 "the user token was issued in the future (iat); check the application server's clock",
             ));
         }
-        if claims.exp - claims.iat > MAX_USER_TOKEN_LIFETIME_SECONDS {
+        if claims.exp.saturating_sub(claims.iat) > MAX_USER_TOKEN_LIFETIME_SECONDS {
             return Err(token_invalid(
                 "the user token lives longer than 24 hours (exp - iat); issue short-lived tokens",
             ));

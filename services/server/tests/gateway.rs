@@ -131,4 +131,15 @@ async fn a_token_issued_in_the_future_is_refused() {
     .unwrap();
     let error = server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, "token_invalid").await;
     assert!(error["message"].as_str().unwrap().contains("clock"), "{error}");
+
+    // Extreme claim values are refused, never overflowed.
+    let claims =
+        json!({"iss": application.id, "aud": "beseda", "sub": "a1", "name": "Alice", "iat": i64::MIN, "exp": i64::MAX});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(application.key.as_bytes()),
+    )
+    .unwrap();
+    server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, "token_invalid").await;
 }
