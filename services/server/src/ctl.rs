@@ -134,8 +134,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<i32> {
             }
         },
         CtlCommand::Call { operation, params, query, body } => {
-            let table = routes();
-            let Some(route) = table.iter().find(|route| route.operation.eq_ignore_ascii_case(operation)) else {
+            let Some(route) = routes().iter().find(|route| route.operation.eq_ignore_ascii_case(operation)) else {
                 bail!("unknown operation {operation:?}; `beseda ctl operations` lists them");
             };
             let mut path = route.path.to_owned();

@@ -149,8 +149,13 @@ macro_rules! route {
     };
 }
 
-/// Every route of the REST API.
-pub fn routes() -> Vec<ApiRoute> {
+/// Every route of the REST API, built once per process.
+pub fn routes() -> &'static [ApiRoute] {
+    static TABLE: std::sync::OnceLock<Vec<ApiRoute>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(route_table)
+}
+
+fn route_table() -> Vec<ApiRoute> {
     vec![
         route!(GET "/api/v1/server" => get_server_info(Empty) -> ServerInfo,
             "GetServerInfo", "ПолучитьВерсиюСервера", Public, body: false, query: [], prepare: nothing,
@@ -349,7 +354,7 @@ fn method_filter(method: &Method) -> MethodFilter {
 
 /// The `/api/v1` router, built from [`routes`].
 pub fn router(gateway: Gateway) -> axum::Router {
-    let table: &'static [ApiRoute] = Box::leak(routes().into_boxed_slice());
+    let table = routes();
     let mut router = axum::Router::new();
     let mut by_path: Vec<(&'static str, Vec<&'static ApiRoute>)> = Vec::new();
     for route in table {
