@@ -54,11 +54,7 @@ async fn two_users_in_a_group_exchange_messages_in_real_time() {
 
 #[tokio::test]
 async fn a_reconnecting_client_gets_exactly_the_missed_events_in_order() {
-    let server = TestServer::start().await;
-    let application = server.register("owner@example.com", "Sales").await;
-    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
-    let (bob_id, _) = user(&server, &application, "b1", "Bob").await;
-    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let Team { server, application, alice, conversation_id, .. } = Team::start().await;
     let send = |text: String| {
         let server = &server;
         let alice = alice.clone();
@@ -103,11 +99,7 @@ async fn a_reconnecting_client_gets_exactly_the_missed_events_in_order() {
 
 #[tokio::test]
 async fn duplicate_sends_with_one_client_id_store_one_message() {
-    let server = TestServer::start().await;
-    let application = server.register("owner@example.com", "Sales").await;
-    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
-    let (bob_id, _) = user(&server, &application, "b1", "Bob").await;
-    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let Team { server, application, alice, conversation_id, .. } = Team::start().await;
     let path = format!("/api/v1/conversations/{conversation_id}/messages");
     let body = json!({"text": "pay the invoice", "clientMessageId": "retry-1"});
     let first = server.ok("POST", &path, &alice, Some(body.clone())).await;
@@ -122,11 +114,7 @@ async fn duplicate_sends_with_one_client_id_store_one_message() {
 
 #[tokio::test]
 async fn limits_are_enforced_with_typed_errors() {
-    let server = TestServer::start().await;
-    let application = server.register("owner@example.com", "Sales").await;
-    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
-    let (bob_id, _) = user(&server, &application, "b1", "Bob").await;
-    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let Team { server, application, alice, conversation_id, .. } = Team::start().await;
     let path = format!("/api/v1/conversations/{conversation_id}/messages");
 
     let at_limit = "я".repeat(4000);
@@ -418,11 +406,7 @@ async fn keys_are_unique_and_context_objects_have_one_conversation() {
 
 #[tokio::test]
 async fn watch_mode_and_do_not_disturb_decide_notifications() {
-    let server = TestServer::start().await;
-    let application = server.register("owner@example.com", "Sales").await;
-    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
-    let (bob_id, bob) = user(&server, &application, "b1", "Bob").await;
-    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let Team { server, application, alice, bob_id, bob, conversation_id, .. } = Team::start().await;
     let messages = format!("/api/v1/conversations/{conversation_id}/messages");
     let mut bob_client = Client::connect(&server, &application.token("b1", "Bob")).await;
 
@@ -585,11 +569,7 @@ async fn messages_page_with_after_in_both_directions() {
 
 #[tokio::test]
 async fn edits_and_deletes_reach_subscribers_and_only_the_author_may_make_them() {
-    let server = TestServer::start().await;
-    let application = server.register("owner@example.com", "Sales").await;
-    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
-    let (bob_id, bob) = user(&server, &application, "b1", "Bob").await;
-    let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+    let Team { server, application, alice, bob, conversation_id, .. } = Team::start().await;
     let mut bob_client = Client::connect(&server, &application.token("b1", "Bob")).await;
     bob_client.request(json!({"subscribe": {"conversation": {"id": conversation_id}}})).await;
     let sent = server

@@ -386,3 +386,26 @@ pub async fn group(server: &TestServer, application: &Application, title: &str, 
         .await;
     created["id"].as_str().unwrap().to_owned()
 }
+
+/// The most common starting point: an application with Alice and Bob in a
+/// group conversation "Team".
+pub struct Team {
+    pub server: TestServer,
+    pub application: Application,
+    pub alice_id: String,
+    pub alice: Auth,
+    pub bob_id: String,
+    pub bob: Auth,
+    pub conversation_id: String,
+}
+
+impl Team {
+    pub async fn start() -> Team {
+        let server = TestServer::start().await;
+        let application = server.register("owner@example.com", "Sales").await;
+        let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
+        let (bob_id, bob) = user(&server, &application, "b1", "Bob").await;
+        let conversation_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
+        Team { server, application, alice_id, alice, bob_id, bob, conversation_id }
+    }
+}
