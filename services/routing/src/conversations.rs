@@ -96,12 +96,22 @@ impl RoutingService {
         caller: &Caller,
         selector: &ConversationSelector,
     ) -> Result<Conversation> {
+        Ok(self.accessible_conversation_and_user(caller, selector).await?.0)
+    }
+
+    /// Like [`Self::accessible_conversation_by`], also handing back the acting
+    /// user it loaded so that callers do not load them again.
+    pub(crate) async fn accessible_conversation_and_user(
+        &self,
+        caller: &Caller,
+        selector: &ConversationSelector,
+    ) -> Result<(Conversation, Option<User>)> {
         let conversation = self.find_conversation(caller, selector).await?;
         let Some(user) = self.optional_acting_user(caller).await? else {
-            return Ok(conversation);
+            return Ok((conversation, None));
         };
         if caller.privileged || self.can_access(&caller.application_id, &conversation, &user).await? {
-            return Ok(conversation);
+            return Ok((conversation, Some(user)));
         }
         Err(Error::new(
             ErrorCode::NotAMember,

@@ -44,7 +44,7 @@ pub struct MessageEdit {
 impl RoutingService {
     /// The author of a new message: the acting user, or whoever privileged
     /// mode names.
-    async fn message_author(&self, caller: &Caller, requested: Option<&str>) -> Result<User> {
+    async fn message_author(&self, caller: &Caller, acting: Option<User>, requested: Option<&str>) -> Result<User> {
         match requested {
             Some(author_id) => {
                 caller.require_privileged("setting the author of a message")?;
@@ -53,16 +53,13 @@ impl RoutingService {
                 })?;
                 Ok(author)
             }
-            None => {
-                if caller.user_id.is_none() {
-                    return Err(Error::new(
-                        ErrorCode::FieldRequired,
-                        "privileged mode without a user must name the message's `authorId`",
-                    )
-                    .with_field("authorId"));
-                }
-                self.acting_user(caller).await
-            }
+            None => acting.ok_or_else(|| {
+                Error::new(
+                    ErrorCode::FieldRequired,
+                    "privileged mode without a user must name the message's `authorId`",
+                )
+                .with_field("authorId")
+            }),
         }
     }
 
@@ -130,7 +127,7 @@ impl RoutingService {
         selector: &ConversationSelector,
         outgoing: OutgoingMessage,
     ) -> Result<Message> {
-        let conversation = self.accessible_conversation_by(caller, selector).await?;
+        let (conversation, acting) = self.accessible_conversation_and_user(caller, selector).await?;
         if conversation.read_only && !caller.privileged {
             return Err(Error::new(
                 ErrorCode::ConversationReadOnly,
@@ -140,7 +137,7 @@ impl RoutingService {
         if outgoing.date.is_some() {
             caller.require_privileged("setting the date of a message")?;
         }
-        let author = self.message_author(caller, outgoing.author_id.as_deref()).await?;
+        let author = self.message_author(caller, acting, outgoing.author_id.as_deref()).await?;
         if author.blocked {
             return Err(Error::new(ErrorCode::UserBlocked, format!("user `{}` is blocked", author.name)));
         }

@@ -45,6 +45,14 @@ pub struct ApplicationInfo {
 }
 
 impl RoutingService {
+    /// The subscriber that owns an application; every application has one.
+    async fn subscriber_of(&self, application: &Application) -> Result<Subscriber> {
+        self.store
+            .get_subscriber(&application.subscriber_id)
+            .await?
+            .ok_or_else(|| Error::internal("application without subscriber"))
+    }
+
     /// Resolves which e-mail and which application a registration is about.
     /// Re-registering without an e-mail uses the original one; another
     /// e-mail than the original means a new application (§29.4.2).
@@ -74,11 +82,7 @@ impl RoutingService {
                         ),
                     ));
                 }
-                let subscriber = self
-                    .store
-                    .get_subscriber(&application.subscriber_id)
-                    .await?
-                    .ok_or_else(|| Error::internal("application without subscriber"))?;
+                let subscriber = self.subscriber_of(&application).await?;
                 Some((application, subscriber))
             }
             None => None,
@@ -224,11 +228,7 @@ impl RoutingService {
     pub async fn registration_data(&self, caller: &Caller) -> Result<RegistrationData> {
         caller.require_privileged("GetRegistrationData")?;
         let application = self.registered_application(&caller.application_id).await?;
-        let subscriber = self
-            .store
-            .get_subscriber(&application.subscriber_id)
-            .await?
-            .ok_or_else(|| Error::internal("application without subscriber"))?;
+        let subscriber = self.subscriber_of(&application).await?;
         Ok(RegistrationData {
             application_id: application.id,
             application_key: application.key.unwrap_or_default(),
@@ -270,11 +270,7 @@ impl RoutingService {
 
     pub async fn application_info(&self, caller: &Caller) -> Result<ApplicationInfo> {
         let application = self.registered_application(&caller.application_id).await?;
-        let subscriber = self
-            .store
-            .get_subscriber(&application.subscriber_id)
-            .await?
-            .ok_or_else(|| Error::internal("application without subscriber"))?;
+        let subscriber = self.subscriber_of(&application).await?;
         let user_count = self.store.count_users(&application.id).await?;
         let current_user_is_subscriber_administrator = match &caller.user_id {
             Some(user_id) => {
