@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bots;
 pub mod error;
 pub mod limits;
 pub mod model;

@@ -26,3 +26,13 @@ pub const MAX_NAME_CHARS: usize = 256;
 pub const MAX_KEY_CHARS: usize = 256;
 /// User tokens may not live longer than this.
 pub const MAX_USER_TOKEN_LIFETIME_SECONDS: i64 = 24 * 3600;
+/// Additional parameters of a bot, or external system parameters of an integration.
+pub const MAX_PARAMETERS: usize = 64;
+/// Characters of one parameter value.
+pub const MAX_PARAMETER_VALUE_CHARS: usize = 4_000;
+/// Event subscriptions of one application.
+pub const MAX_EVENT_SUBSCRIPTIONS: usize = 50;
+/// Characters of an outbound URL.
+pub const MAX_URL_CHARS: usize = 2_048;
+/// Events one ReplayEvents call enqueues at most.
+pub const MAX_REPLAY_EVENTS: usize = 100_000;

@@ -159,7 +159,7 @@ fn button_from_wire(button: &wire::Button) -> Result<domain::Button> {
     })
 }
 
-fn button_to_wire(button: &domain::Button) -> wire::Button {
+pub fn button_to_wire(button: &domain::Button) -> wire::Button {
     let action = match button.action {
         domain::ButtonAction::RequestLocation => wire::ButtonAction::RequestLocation,
         domain::ButtonAction::RequestPhone => wire::ButtonAction::RequestPhone,

@@ -480,6 +480,18 @@ impl Routing for RoutingService {
         answer(result.await.map(|message| convert::message_to_wire(&message)))
     }
 
+    async fn press_button(&self, request: Request<wire::PressButtonRequest>) -> Reply<wire::PressButtonResponse> {
+        let caller = caller_of(&request)?;
+        let request = request.get_ref();
+        let result = self.press_button(&caller, &request.message_id, request.row, request.column).await;
+        answer(result.map(|pressed| wire::PressButtonResponse {
+            sent_message: match pressed {
+                crate::buttons::Pressed::QueuedForBot => None,
+                crate::buttons::Pressed::Sent(message) => Some(convert::message_to_wire(&message)),
+            },
+        }))
+    }
+
     async fn delete_message(&self, request: Request<wire::MessageRef>) -> Reply<wire::Empty> {
         let caller = caller_of(&request)?;
         answer(self.delete_message(&caller, &request.get_ref().message_id).await.map(|()| wire::Empty {}))

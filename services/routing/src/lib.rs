@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 pub mod attempts;
 pub mod auth;
+pub mod buttons;
 pub mod caller;
 pub mod conversations;
 pub mod convert;
@@ -53,6 +54,9 @@ pub struct RoutingService {
     config: Arc<RoutingConfig>,
     code_attempts: Arc<attempts::AttemptLimiter>,
     code_mails: Arc<attempts::AttemptLimiter>,
+    /// Notified after every commit that writes to the outbox, so that the
+    /// bots relay moves it on at once instead of at its next poll.
+    outbox_signal: Arc<tokio::sync::Notify>,
 }
 
 impl RoutingService {
@@ -72,6 +76,7 @@ impl RoutingService {
                 std::time::Duration::from_secs(3600),
                 "code e-mails were sent within an hour",
             )),
+            outbox_signal: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -79,7 +84,13 @@ impl RoutingService {
         &self.store
     }
 
+    /// What the bots relay waits on.
+    pub fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.outbox_signal.clone()
+    }
+
     async fn publish_conversation_event(&self, application_id: &str, event: &beseda_core::model::ConversationEvent) {
+        self.outbox_signal.notify_one();
         let topic = Topic::Conversation {
             application_id: application_id.to_owned(),
             conversation_id: event.conversation_id.clone(),
@@ -104,6 +115,8 @@ impl RoutingService {
     }
 
     async fn publish_user_event(&self, application_id: &str, user_id: &str, kind: wire::user_event::Kind) {
+        // Conversation creation announces itself to its members this way.
+        self.outbox_signal.notify_one();
         let topic = Topic::User { application_id: application_id.to_owned(), user_id: user_id.to_owned() };
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),

@@ -42,6 +42,14 @@ pub struct MessageEdit {
 }
 
 impl RoutingService {
+    /// A bot's avatar: a user of kind Bot or the user of a bot object.
+    pub(crate) async fn is_bot(&self, application_id: &str, user: &User) -> Result<bool> {
+        if user.kind == UserKind::Bot {
+            return Ok(true);
+        }
+        Ok(self.store.get_bot_by_user(application_id, &user.id).await?.is_some())
+    }
+
     /// The author of a new message: the acting user, or whoever privileged
     /// mode names.
     async fn message_author(&self, caller: &Caller, acting: Option<User>, requested: Option<&str>) -> Result<User> {
@@ -153,7 +161,7 @@ impl RoutingService {
         }
         let text = rules::message_content(&outgoing.text, outgoing.text_format, outgoing.data.as_ref())?;
         if let Some(panel) = &outgoing.buttons {
-            rules::button_panel(panel, author.kind == UserKind::Bot)?;
+            rules::button_panel(panel, self.is_bot(&caller.application_id, &author).await?)?;
         }
         if let Some(client_message_id) = &outgoing.client_message_id {
             rules::bounded_text("clientMessageId", client_message_id, beseda_core::limits::MAX_KEY_CHARS)?;
@@ -302,7 +310,11 @@ impl RoutingService {
         }
         message.text = rules::message_content(&message.text, message.text_format, message.data.as_ref())?;
         if let Some(panel) = &message.buttons {
-            rules::button_panel(panel, author.is_some_and(|author| author.kind == UserKind::Bot))?;
+            let author_is_bot = match &author {
+                Some(author) => self.is_bot(&caller.application_id, author).await?,
+                None => false,
+            };
+            rules::button_panel(panel, author_is_bot)?;
         }
         message.edited_at = Some(now_micros());
         let (stored, event) = self.store.edit_message(&caller.application_id, &message).await?;

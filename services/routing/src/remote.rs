@@ -69,6 +69,7 @@ forward! {
     set_context_access(wire::SetContextAccessRequest) -> wire::Empty;
     send_message(wire::SendMessageRequest) -> wire::Message;
     edit_message(wire::EditMessageRequest) -> wire::Message;
+    press_button(wire::PressButtonRequest) -> wire::PressButtonResponse;
     delete_message(wire::MessageRef) -> wire::Empty;
     get_message(wire::MessageRef) -> wire::Message;
     get_messages(wire::MessagesFilter) -> wire::MessageList;

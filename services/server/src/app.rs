@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use beseda_bots::BotsService;
 use beseda_bus::InProcessBus;
 use beseda_registry::LocalRegistry;
 use beseda_routing::mail::{Mailer, OutboxMailer, SmtpMailer};
@@ -74,8 +75,16 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         RoutingConfig { public_url: config.public_url() },
     );
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
+    let outbox_signal = routing.outbox_signal();
+    let routing: Arc<dyn beseda_proto::v1::routing_server::Routing> = Arc::new(routing);
+    let bots = BotsService::new(store.clone(), routing.clone(), outbox_signal, config.bots_config());
+    let background = bots.clone();
+    let background_shutdown = shutdown.clone();
+    tokio::spawn(async move { background.run_background(background_shutdown).await });
     let gateway = Gateway {
-        routing: Arc::new(routing),
+        routing,
+        bots: Arc::new(bots.clone()),
+        processing: Arc::new(bots),
         bus,
         registry: registry.clone(),
         config: Arc::new(config.gateway_config()),

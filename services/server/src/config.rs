@@ -100,6 +100,42 @@ impl Default for GatewaySection {
     }
 }
 
+/// Bots, webhooks and outbound event delivery.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotsSection {
+    /// How long one ExecuteBotProcessing keeps the processing connection.
+    pub lease_seconds: u64,
+    /// An event handed out and not acknowledged within this time is delivered again.
+    pub ack_timeout_seconds: u64,
+    /// Attempts before an event becomes a dead letter.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `max_backoff_milliseconds`.
+    pub initial_backoff_milliseconds: u64,
+    pub max_backoff_milliseconds: u64,
+    /// Events handed to one processing connection or subscription at once.
+    pub max_in_flight: u32,
+    /// Longest time before queues are looked at again without a wake-up.
+    pub poll_interval_milliseconds: u64,
+    /// Timeout of one outbound event POST.
+    pub outbound_timeout_seconds: u64,
+}
+
+impl Default for BotsSection {
+    fn default() -> Self {
+        BotsSection {
+            lease_seconds: 120,
+            ack_timeout_seconds: 30,
+            max_attempts: 10,
+            initial_backoff_milliseconds: 1_000,
+            max_backoff_milliseconds: 300_000,
+            max_in_flight: 64,
+            poll_interval_milliseconds: 1_000,
+            outbound_timeout_seconds: 10,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -123,6 +159,7 @@ pub struct NodeConfig {
     pub store: StoreSection,
     pub mail: MailSection,
     pub gateway: GatewaySection,
+    pub bots: BotsSection,
     pub log: LogSection,
 }
 
@@ -171,6 +208,16 @@ impl NodeConfig {
                 "PING_INTERVAL_SECONDS" => config.gateway.ping_interval_seconds = parse_env(name, value)?,
                 "IDLE_TIMEOUT_SECONDS" => config.gateway.idle_timeout_seconds = parse_env(name, value)?,
                 "SEND_QUEUE_CAPACITY" => config.gateway.send_queue_capacity = parse_env(name, value)?,
+                "BOTS_LEASE_SECONDS" => config.bots.lease_seconds = parse_env(name, value)?,
+                "BOTS_ACK_TIMEOUT_SECONDS" => config.bots.ack_timeout_seconds = parse_env(name, value)?,
+                "BOTS_MAX_ATTEMPTS" => config.bots.max_attempts = parse_env(name, value)?,
+                "BOTS_INITIAL_BACKOFF_MILLISECONDS" => {
+                    config.bots.initial_backoff_milliseconds = parse_env(name, value)?
+                }
+                "BOTS_MAX_BACKOFF_MILLISECONDS" => config.bots.max_backoff_milliseconds = parse_env(name, value)?,
+                "BOTS_MAX_IN_FLIGHT" => config.bots.max_in_flight = parse_env(name, value)?,
+                "BOTS_POLL_INTERVAL_MILLISECONDS" => config.bots.poll_interval_milliseconds = parse_env(name, value)?,
+                "BOTS_OUTBOUND_TIMEOUT_SECONDS" => config.bots.outbound_timeout_seconds = parse_env(name, value)?,
                 "LOG_FORMAT" => config.log.format = value.clone(),
                 "LOG" => config.log.filter = value.clone(),
                 // Variables of other tools (tests, CI) share the prefix.
@@ -197,6 +244,19 @@ impl NodeConfig {
         if self.gateway.send_queue_capacity < 16 {
             bail!("gateway.send_queue_capacity must be at least 16");
         }
+        let bots = &self.bots;
+        if bots.lease_seconds == 0 || bots.ack_timeout_seconds == 0 || bots.outbound_timeout_seconds == 0 {
+            bail!("bots.lease_seconds, bots.ack_timeout_seconds and bots.outbound_timeout_seconds must be at least 1");
+        }
+        if bots.max_attempts == 0 || bots.max_in_flight == 0 {
+            bail!("bots.max_attempts and bots.max_in_flight must be at least 1");
+        }
+        if bots.initial_backoff_milliseconds == 0 || bots.max_backoff_milliseconds < bots.initial_backoff_milliseconds {
+            bail!("bots.initial_backoff_milliseconds must be at least 1 and at most bots.max_backoff_milliseconds");
+        }
+        if bots.poll_interval_milliseconds < 10 {
+            bail!("bots.poll_interval_milliseconds must be at least 10");
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
         }
@@ -209,6 +269,21 @@ impl NodeConfig {
 
     pub fn outbox_dir(&self) -> PathBuf {
         self.mail.outbox_dir.clone().unwrap_or_else(|| self.server.data_dir.join("outbox"))
+    }
+
+    pub fn bots_config(&self) -> beseda_bots::BotsConfig {
+        let bots = &self.bots;
+        beseda_bots::BotsConfig {
+            lease: Duration::from_secs(bots.lease_seconds),
+            ack_timeout: Duration::from_secs(bots.ack_timeout_seconds),
+            max_attempts: bots.max_attempts,
+            initial_backoff: Duration::from_millis(bots.initial_backoff_milliseconds),
+            max_backoff: Duration::from_millis(bots.max_backoff_milliseconds),
+            max_in_flight: bots.max_in_flight,
+            poll_interval: Duration::from_millis(bots.poll_interval_milliseconds),
+            outbound_timeout: Duration::from_secs(bots.outbound_timeout_seconds),
+            public_url: self.public_url(),
+        }
     }
 
     pub fn gateway_config(&self) -> beseda_sessions::GatewayConfig {

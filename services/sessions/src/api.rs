@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection, RawPathParamsRejection};
@@ -18,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use beseda_core::{Error, ErrorCode, Result};
 use beseda_proto::v1 as wire;
-use beseda_proto::v1::routing_server::Routing;
 use beseda_routing::{Caller, status};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -66,14 +64,14 @@ impl Params {
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value>> + Send>>;
-type Handler = fn(Arc<dyn Routing>, Option<Caller>, Params, Bytes) -> HandlerFuture;
+type Handler = fn(Gateway, Option<Caller>, Params, Bytes) -> HandlerFuture;
 
 /// One operation of the REST API.
 pub struct ApiRoute {
     pub method: Method,
     /// With `{name}` path parameters.
     pub path: &'static str,
-    /// The routing operation (gRPC method) it calls.
+    /// The gRPC method it calls (of `beseda.v1.Routing` or `beseda.v1.Bots`).
     pub operation: &'static str,
     /// The 1C:Enterprise method it mirrors.
     pub one_c: &'static str,
@@ -88,7 +86,7 @@ pub struct ApiRoute {
 }
 
 async fn invoke<Req, Resp, Call, Fut>(
-    routing: Arc<dyn Routing>,
+    gateway: Gateway,
     caller: Option<Caller>,
     params: Params,
     body: Bytes,
@@ -99,7 +97,7 @@ async fn invoke<Req, Resp, Call, Fut>(
 where
     Req: DeserializeOwned + Default + Send + 'static,
     Resp: Serialize,
-    Call: FnOnce(Arc<dyn Routing>, tonic::Request<Req>) -> Fut,
+    Call: FnOnce(Gateway, tonic::Request<Req>) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
 {
     let mut request: Req = if takes_body && !body.iter().all(u8::is_ascii_whitespace) {
@@ -112,7 +110,7 @@ where
         Some(caller) => caller.request(request),
         None => tonic::Request::new(request),
     };
-    let response = call(routing, request).await.map_err(|status| status::from_status(&status))?;
+    let response = call(gateway, request).await.map_err(|status| status::from_status(&status))?;
     serde_json::to_value(response.into_inner())
         .map_err(|error| Error::internal(format!("cannot encode the answer: {error}")))
 }
@@ -126,7 +124,7 @@ fn conversation_id(params: &Params) -> Option<wire::ConversationRef> {
 }
 
 macro_rules! route {
-    ($method:ident $path:literal => $rpc:ident($request:ident) -> $response:ident,
+    ($service:ident: $method:ident $path:literal => $rpc:ident($request:ident) -> $response:ident,
      $operation:literal, $one_c:literal, $access:ident, body: $body:literal, query: [$($query:literal),*],
      prepare: $prepare:expr, $summary:literal) => {
         ApiRoute {
@@ -139,10 +137,10 @@ macro_rules! route {
             request_message: if $body { Some(stringify!($request)) } else { None },
             response_message: stringify!($response),
             query_parameters: &[$($query),*],
-            handler: |routing, caller, params, body| {
+            handler: |gateway, caller, params, body| {
                 Box::pin(invoke::<wire::$request, wire::$response, _, _>(
-                    routing, caller, params, body, $body, $prepare,
-                    |routing, request| async move { routing.$rpc(request).await },
+                    gateway, caller, params, body, $body, $prepare,
+                    |gateway, request| async move { gateway.$service.$rpc(request).await },
                 ))
             },
         }
@@ -157,100 +155,100 @@ pub fn routes() -> &'static [ApiRoute] {
 
 fn route_table() -> Vec<ApiRoute> {
     vec![
-        route!(GET "/api/v1/server" => get_server_info(Empty) -> ServerInfo,
+        route!(routing: GET "/api/v1/server" => get_server_info(Empty) -> ServerInfo,
             "GetServerInfo", "ПолучитьВерсиюСервера", Public, body: false, query: [], prepare: nothing,
             "Server version and the client protocol versions it speaks."),
-        route!(POST "/api/v1/registration/request" => request_registration(RequestRegistrationRequest) -> RequestRegistrationResponse,
+        route!(routing: POST "/api/v1/registration/request" => request_registration(RequestRegistrationRequest) -> RequestRegistrationResponse,
             "RequestRegistration", "ЗарегистрироватьПриложение (step 1)", Public, body: true, query: [], prepare: nothing,
             "Step 1 of registration: e-mails an activation code to the subscriber."),
-        route!(POST "/api/v1/registration/complete" => complete_registration(CompleteRegistrationRequest) -> RegistrationData,
+        route!(routing: POST "/api/v1/registration/complete" => complete_registration(CompleteRegistrationRequest) -> RegistrationData,
             "CompleteRegistration", "ЗарегистрироватьПриложение (step 2)", Public, body: true, query: [], prepare: nothing,
             "Step 2: with the activation code, registers (or re-registers) the application and returns its id and key."),
-        route!(DELETE "/api/v1/registration" => unregister(Empty) -> Empty,
+        route!(routing: DELETE "/api/v1/registration" => unregister(Empty) -> Empty,
             "Unregister", "ОтменитьРегистрациюПриложения", Required, body: false, query: [], prepare: nothing,
             "Deletes the application's keys; re-registering with the same e-mail restores the history."),
-        route!(GET "/api/v1/registration/data" => get_registration_data(Empty) -> RegistrationData,
+        route!(routing: GET "/api/v1/registration/data" => get_registration_data(Empty) -> RegistrationData,
             "GetRegistrationData", "ПолучитьДанныеРегистрации", Required, body: false, query: [], prepare: nothing,
             "The registration data, to move a data area to another database."),
-        route!(PUT "/api/v1/registration/data" => set_registration_data(SetRegistrationDataRequest) -> SetRegistrationDataResponse,
+        route!(routing: PUT "/api/v1/registration/data" => set_registration_data(SetRegistrationDataRequest) -> SetRegistrationDataResponse,
             "SetRegistrationData", "УстановитьДанныеРегистрации", Optional, body: true, query: [], prepare: nothing,
             "Checks moved registration data; without `data`, disconnects the calling application irrevocably."),
-        route!(GET "/api/v1/application" => get_application_info(Empty) -> ApplicationInfo,
+        route!(routing: GET "/api/v1/application" => get_application_info(Empty) -> ApplicationInfo,
             "GetApplicationInfo", "ПолучитьИдентификаторПриложения / ИспользованиеДоступно / ТекущийПользовательЯвляетсяАдминистраторомАбонента", Required, body: false, query: [], prepare: nothing,
             "Application id, subscriber e-mail, registered, usage available, whether the current user is a subscriber administrator."),
-        route!(POST "/api/v1/subscriber/temporary-code" => request_temporary_code(RequestTemporaryCodeRequest) -> Empty,
+        route!(routing: POST "/api/v1/subscriber/temporary-code" => request_temporary_code(RequestTemporaryCodeRequest) -> Empty,
             "RequestTemporaryCode", "ПолучитьВременныйКодАдминистрированияАбонента", Public, body: true, query: [], prepare: nothing,
             "E-mails a temporary administration code (valid 24 hours or until first use)."),
-        route!(POST "/api/v1/subscriber/administration-key" => reissue_administration_key(ReissueAdministrationKeyRequest) -> Empty,
+        route!(routing: POST "/api/v1/subscriber/administration-key" => reissue_administration_key(ReissueAdministrationKeyRequest) -> Empty,
             "ReissueAdministrationKey", "ПолучитьКлючАдминистрированияАбонента", Optional, body: true, query: [], prepare: nothing,
             "Issues a new administration key (the old one stops working) and e-mails it."),
-        route!(GET "/api/v1/subscriber/administrators" => get_subscriber_administrators(GetSubscriberAdministratorsRequest) -> SubscriberAdministrators,
+        route!(routing: GET "/api/v1/subscriber/administrators" => get_subscriber_administrators(GetSubscriberAdministratorsRequest) -> SubscriberAdministrators,
             "GetSubscriberAdministrators", "ПолучитьАдминистраторовАбонента", Required, body: false, query: [], prepare: nothing,
             "Users of the application who are subscriber administrators."),
-        route!(PUT "/api/v1/subscriber/administrators" => set_subscriber_administrators(SubscriberAdministrators) -> SubscriberAdministrators,
+        route!(routing: PUT "/api/v1/subscriber/administrators" => set_subscriber_administrators(SubscriberAdministrators) -> SubscriberAdministrators,
             "SetSubscriberAdministrators", "УстановитьАдминистраторовАбонента", Required, body: true, query: [], prepare: nothing,
             "Sets the subscriber administrators; needs an administrator, or the administration key or a temporary code in `credential`."),
-        route!(POST "/api/v1/subscriber/email" => change_subscriber_email(ChangeSubscriberEmailRequest) -> Empty,
+        route!(routing: POST "/api/v1/subscriber/email" => change_subscriber_email(ChangeSubscriberEmailRequest) -> Empty,
             "ChangeSubscriberEmail", "УстановитьАдресЭлектроннойПочтыАбонента", Optional, body: true, query: [], prepare: nothing,
             "Changes the subscriber e-mail."),
-        route!(POST "/api/v1/users" => create_user(CreateUserRequest) -> User,
+        route!(routing: POST "/api/v1/users" => create_user(CreateUserRequest) -> User,
             "CreateUser", "СоздатьПользователя", Required, body: true, query: [], prepare: nothing,
             "Creates a collaboration user (regular, bot, integration or external); privileged mode."),
-        route!(GET "/api/v1/users/{userId}" => get_user(GetUserRequest) -> User,
+        route!(routing: GET "/api/v1/users/{userId}" => get_user(GetUserRequest) -> User,
             "GetUser", "ПолучитьПользователя", Required, body: false, query: [],
             prepare: |request: &mut wire::GetUserRequest, params| { request.user_id = params.path("userId"); Ok(()) },
             "One user by id."),
-        route!(PATCH "/api/v1/users/{userId}" => update_user(UpdateUserRequest) -> User,
+        route!(routing: PATCH "/api/v1/users/{userId}" => update_user(UpdateUserRequest) -> User,
             "UpdateUser", "ПользовательСистемыВзаимодействия.Записать", Required, body: true, query: [],
             prepare: |request: &mut wire::UpdateUserRequest, params| { request.user_id = params.path("userId"); Ok(()) },
             "Changes the properties named in `updateMask` (including `blocked`)."),
-        route!(POST "/api/v1/users/search" => get_users(UsersFilter) -> UserList,
+        route!(routing: POST "/api/v1/users/search" => get_users(UsersFilter) -> UserList,
             "GetUsers", "ПолучитьПользователей", Required, body: true, query: [], prepare: nothing,
             "Users matching a filter, paged with `after` (default 200, at most 250 a page)."),
-        route!(POST "/api/v1/conversations" => create_conversation(CreateConversationRequest) -> Conversation,
+        route!(routing: POST "/api/v1/conversations" => create_conversation(CreateConversationRequest) -> Conversation,
             "CreateConversation", "СоздатьОбсуждение", Required, body: true, query: [], prepare: nothing,
             "Creates a group, one-on-one or context conversation."),
-        route!(GET "/api/v1/conversations/{conversationId}" => get_conversation(GetConversationRequest) -> Conversation,
+        route!(routing: GET "/api/v1/conversations/{conversationId}" => get_conversation(GetConversationRequest) -> Conversation,
             "GetConversation", "ПолучитьОбсуждение", Required, body: false, query: [],
             prepare: |request: &mut wire::GetConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "One conversation by id."),
-        route!(GET "/api/v1/conversations/by-key/{key}" => get_conversation(GetConversationRequest) -> Conversation,
+        route!(routing: GET "/api/v1/conversations/by-key/{key}" => get_conversation(GetConversationRequest) -> Conversation,
             "GetConversationByKey", "ПолучитьОбсуждение (by Ключ)", Required, body: false, query: [],
             prepare: |request: &mut wire::GetConversationRequest, params| {
                 request.conversation = Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Key(params.path("key"))) });
                 Ok(())
             },
             "One conversation by its application-chosen key."),
-        route!(POST "/api/v1/conversations/by-context" => get_conversation_by_context(GetConversationByContextRequest) -> Conversation,
+        route!(routing: POST "/api/v1/conversations/by-context" => get_conversation_by_context(GetConversationByContextRequest) -> Conversation,
             "GetConversationByContext", "ПолучитьОбсуждение (by Контекст)", Required, body: true, query: [], prepare: nothing,
             "The conversation of a context object."),
-        route!(PATCH "/api/v1/conversations/{conversationId}" => update_conversation(UpdateConversationRequest) -> Conversation,
+        route!(routing: PATCH "/api/v1/conversations/{conversationId}" => update_conversation(UpdateConversationRequest) -> Conversation,
             "UpdateConversation", "ОбсуждениеСистемыВзаимодействия.Записать", Required, body: true, query: [],
             prepare: |request: &mut wire::UpdateConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "Renames, adds or removes members, changes Displayed."),
-        route!(POST "/api/v1/conversations/{conversationId}/leave" => leave_conversation(LeaveConversationRequest) -> Empty,
+        route!(routing: POST "/api/v1/conversations/{conversationId}/leave" => leave_conversation(LeaveConversationRequest) -> Empty,
             "LeaveConversation", "ПокинутьОбсуждение", Required, body: false, query: [],
             prepare: |request: &mut wire::LeaveConversationRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "The acting user leaves a group conversation."),
-        route!(POST "/api/v1/conversations/search" => get_conversations(ConversationsFilter) -> ConversationList,
+        route!(routing: POST "/api/v1/conversations/search" => get_conversations(ConversationsFilter) -> ConversationList,
             "GetConversations", "ПолучитьОбсуждения", Required, body: true, query: [], prepare: nothing,
             "Conversations matching a filter, paged with `startDate` (and `after` for ties)."),
-        route!(GET "/api/v1/conversation-list" => get_conversation_list(Empty) -> ConversationList,
+        route!(routing: GET "/api/v1/conversation-list" => get_conversation_list(Empty) -> ConversationList,
             "GetConversationList", "Список обсуждений (§29.3.2)", Required, body: false, query: [], prepare: nothing,
             "The acting user's list: unread first, padded to 50 by last-message date."),
-        route!(PUT "/api/v1/conversations/{conversationId}/access" => set_context_access(SetContextAccessRequest) -> Empty,
+        route!(routing: PUT "/api/v1/conversations/{conversationId}/access" => set_context_access(SetContextAccessRequest) -> Empty,
             "SetContextAccess", "Право Чтение объекта контекста", Required, body: true, query: [],
             prepare: |request: &mut wire::SetContextAccessRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "Grants or revokes users' access to a context conversation (the Read right on its object)."),
-        route!(POST "/api/v1/conversations/{conversationId}/messages" => send_message(SendMessageRequest) -> Message,
+        route!(routing: POST "/api/v1/conversations/{conversationId}/messages" => send_message(SendMessageRequest) -> Message,
             "SendMessage", "СоздатьСообщение + Записать", Required, body: true, query: [],
             prepare: |request: &mut wire::SendMessageRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "Posts a message; a repeated `clientMessageId` returns the stored message instead of a duplicate."),
-        route!(POST "/api/v1/conversations/{conversationId}/messages/search" => get_messages(MessagesFilter) -> MessageList,
+        route!(routing: POST "/api/v1/conversations/{conversationId}/messages/search" => get_messages(MessagesFilter) -> MessageList,
             "GetMessages", "ПолучитьСообщения", Required, body: true, query: [],
             prepare: |request: &mut wire::MessagesFilter, params| { request.conversation = conversation_id(params); Ok(()) },
             "Messages of a conversation matching a filter, paged with `after`."),
-        route!(GET "/api/v1/conversations/{conversationId}/events" => get_events(GetEventsRequest) -> EventList,
+        route!(routing: GET "/api/v1/conversations/{conversationId}/events" => get_events(GetEventsRequest) -> EventList,
             "GetEvents", "—", Required, body: false, query: ["afterSeq", "limit"],
             prepare: |request: &mut wire::GetEventsRequest, params| {
                 request.conversation = conversation_id(params);
@@ -259,27 +257,27 @@ fn route_table() -> Vec<ApiRoute> {
                 Ok(())
             },
             "The conversation's event log after a sequence number (resume)."),
-        route!(POST "/api/v1/conversations/{conversationId}/read" => mark_read(MarkReadRequest) -> UnreadCount,
+        route!(routing: POST "/api/v1/conversations/{conversationId}/read" => mark_read(MarkReadRequest) -> UnreadCount,
             "MarkRead", "ОтметитьПрочтение", Required, body: true, query: [],
             prepare: |request: &mut wire::MarkReadRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "Marks notifications read up to a message (or all)."),
-        route!(GET "/api/v1/messages/{messageId}" => get_message(MessageRef) -> Message,
+        route!(routing: GET "/api/v1/messages/{messageId}" => get_message(MessageRef) -> Message,
             "GetMessage", "ПолучитьСообщение", Required, body: false, query: [],
             prepare: |request: &mut wire::MessageRef, params| { request.message_id = params.path("messageId"); Ok(()) },
             "One message by id."),
-        route!(PATCH "/api/v1/messages/{messageId}" => edit_message(EditMessageRequest) -> Message,
+        route!(routing: PATCH "/api/v1/messages/{messageId}" => edit_message(EditMessageRequest) -> Message,
             "EditMessage", "СообщениеСистемыВзаимодействия.Записать", Required, body: true, query: [],
             prepare: |request: &mut wire::EditMessageRequest, params| { request.message_id = params.path("messageId"); Ok(()) },
             "Edits text, data or buttons of a message."),
-        route!(DELETE "/api/v1/messages/{messageId}" => delete_message(MessageRef) -> Empty,
+        route!(routing: DELETE "/api/v1/messages/{messageId}" => delete_message(MessageRef) -> Empty,
             "DeleteMessage", "УдалитьСообщение", Required, body: false, query: [],
             prepare: |request: &mut wire::MessageRef, params| { request.message_id = params.path("messageId"); Ok(()) },
             "Deletes a message (its place in the log is kept)."),
-        route!(PUT "/api/v1/conversations/{conversationId}/watch" => set_watch_mode(SetWatchModeRequest) -> WatchMode,
+        route!(routing: PUT "/api/v1/conversations/{conversationId}/watch" => set_watch_mode(SetWatchModeRequest) -> WatchMode,
             "SetWatchMode", "УстановитьРежимНаблюдения", Required, body: true, query: [],
             prepare: |request: &mut wire::SetWatchModeRequest, params| { request.conversation = conversation_id(params); Ok(()) },
             "Turns watching a conversation on or off."),
-        route!(GET "/api/v1/conversations/{conversationId}/watch" => get_watch_mode(GetWatchModeRequest) -> WatchMode,
+        route!(routing: GET "/api/v1/conversations/{conversationId}/watch" => get_watch_mode(GetWatchModeRequest) -> WatchMode,
             "GetWatchMode", "ПолучитьРежимНаблюдения", Required, body: false, query: ["userId"],
             prepare: |request: &mut wire::GetWatchModeRequest, params| {
                 request.conversation = conversation_id(params);
@@ -287,10 +285,10 @@ fn route_table() -> Vec<ApiRoute> {
                 Ok(())
             },
             "Whether the user watches the conversation."),
-        route!(PUT "/api/v1/do-not-disturb" => set_do_not_disturb(SetDoNotDisturbRequest) -> DoNotDisturb,
+        route!(routing: PUT "/api/v1/do-not-disturb" => set_do_not_disturb(SetDoNotDisturbRequest) -> DoNotDisturb,
             "SetDoNotDisturb", "УстановитьРежимНеБеспокоить", Required, body: true, query: [], prepare: nothing,
             "Do-not-disturb until a time, for all conversations or one."),
-        route!(GET "/api/v1/do-not-disturb" => get_do_not_disturb(GetDoNotDisturbRequest) -> DoNotDisturb,
+        route!(routing: GET "/api/v1/do-not-disturb" => get_do_not_disturb(GetDoNotDisturbRequest) -> DoNotDisturb,
             "GetDoNotDisturb", "ПолучитьРежимНеБеспокоить", Required, body: false, query: ["conversationId", "userId"],
             prepare: |request: &mut wire::GetDoNotDisturbRequest, params| {
                 if let Some(conversation_id) = params.query("conversationId") {
@@ -300,9 +298,87 @@ fn route_table() -> Vec<ApiRoute> {
                 Ok(())
             },
             "The do-not-disturb state in force."),
-        route!(GET "/api/v1/unread" => get_unread_counts(Empty) -> UnreadCounts,
+        route!(routing: GET "/api/v1/unread" => get_unread_counts(Empty) -> UnreadCounts,
             "GetUnreadCounts", "Непрочитанные оповещения", Required, body: false, query: [], prepare: nothing,
             "Unread notifications per conversation and in total."),
+        route!(routing: POST "/api/v1/messages/{messageId}/buttons/press" => press_button(PressButtonRequest) -> PressButtonResponse,
+            "PressButton", "Нажатие кнопки панели кнопок (ОбработатьБотом / ОтправитьСообщение)", Required, body: true, query: [],
+            prepare: |request: &mut wire::PressButtonRequest, params| { request.message_id = params.path("messageId"); Ok(()) },
+            "Presses a button (row and column from 0) as the acting user: ProcessByBot queues an event for the message's bot, SendMessage(WithData) posts the button's text."),
+        route!(bots: POST "/api/v1/bots" => create_bot(CreateBotRequest) -> Bot,
+            "CreateBot", "СоздатьБота + Записать", Required, body: true, query: [], prepare: nothing,
+            "Creates a bot on a collaboration user that is not paired with an infobase user; privileged mode."),
+        route!(bots: GET "/api/v1/bots" => get_bots(Empty) -> BotList,
+            "GetBots", "ПолучитьБотов", Required, body: false, query: [], prepare: nothing,
+            "Every bot of the application, predefined ones included."),
+        route!(bots: GET "/api/v1/bots/{botId}" => get_bot(GetBotRequest) -> Bot,
+            "GetBot", "ПолучитьБота", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetBotRequest, params| { request.bot_id = params.path("botId"); Ok(()) },
+            "One bot by id."),
+        route!(bots: PATCH "/api/v1/bots/{botId}" => update_bot(UpdateBotRequest) -> Bot,
+            "UpdateBot", "БотСистемыВзаимодействия.Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::UpdateBotRequest, params| { request.bot_id = params.path("botId"); Ok(()) },
+            "Changes the fields named in `updateMask` (userId, botType, additionalParameters, infobaseUserName)."),
+        route!(bots: DELETE "/api/v1/bots/{botId}" => delete_bot(DeleteBotRequest) -> Empty,
+            "DeleteBot", "БотСистемыВзаимодействия.Удалить", Required, body: false, query: [],
+            prepare: |request: &mut wire::DeleteBotRequest, params| { request.bot_id = params.path("botId"); Ok(()) },
+            "Deletes a (not predefined) bot and its queue."),
+        route!(bots: POST "/api/v1/integrations" => create_integration(CreateIntegrationRequest) -> Integration,
+            "CreateIntegration", "СоздатьИнтеграцию + Записать", Required, body: true, query: [], prepare: nothing,
+            "Creates an integration; the answer carries its connection point URL."),
+        route!(bots: GET "/api/v1/integrations" => get_integrations(Empty) -> IntegrationList,
+            "GetIntegrations", "ПолучитьИнтеграции", Required, body: false, query: [], prepare: nothing,
+            "Every integration of the application."),
+        route!(bots: GET "/api/v1/integrations/{integrationId}" => get_integration(GetIntegrationRequest) -> Integration,
+            "GetIntegration", "ПолучитьИнтеграцию", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetIntegrationRequest, params| { request.integration_id = params.path("integrationId"); Ok(()) },
+            "One integration by id."),
+        route!(bots: PATCH "/api/v1/integrations/{integrationId}" => update_integration(UpdateIntegrationRequest) -> Integration,
+            "UpdateIntegration", "ИнтеграцияСистемыВзаимодействия.Записать", Required, body: true, query: [],
+            prepare: |request: &mut wire::UpdateIntegrationRequest, params| { request.integration_id = params.path("integrationId"); Ok(()) },
+            "Changes the fields named in `updateMask` (key, use, externalSystemParameters, presentation, memberIds, signingSecret)."),
+        route!(bots: DELETE "/api/v1/integrations/{integrationId}" => delete_integration(DeleteIntegrationRequest) -> Empty,
+            "DeleteIntegration", "ИнтеграцияСистемыВзаимодействия.Удалить", Required, body: false, query: [],
+            prepare: |request: &mut wire::DeleteIntegrationRequest, params| { request.integration_id = params.path("integrationId"); Ok(()) },
+            "Deletes an integration; its connection point stops answering."),
+        route!(bots: GET "/api/v1/external-system-types" => get_external_system_types(Empty) -> ExternalSystemTypes,
+            "GetExternalSystemTypes", "ПолучитьТипыВнешнихСистем", Required, body: false, query: [], prepare: nothing,
+            "The external system types this server implements."),
+        route!(bots: GET "/api/v1/external-system-types/{type}" => get_external_system_description(GetExternalSystemDescriptionRequest) -> ExternalSystemDescription,
+            "GetExternalSystemDescription", "ПолучитьОписаниеВнешнейСистемы", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetExternalSystemDescriptionRequest, params| { request.external_system_type = params.path("type"); Ok(()) },
+            "Parameters and abilities of one external system type."),
+        route!(bots: POST "/api/v1/event-subscriptions" => create_event_subscription(CreateEventSubscriptionRequest) -> EventSubscription,
+            "CreateEventSubscription", "—", Required, body: true, query: [], prepare: nothing,
+            "Subscribes a URL to the application's events (POSTed as signed JSON); the answer carries the signing secret."),
+        route!(bots: GET "/api/v1/event-subscriptions" => get_event_subscriptions(Empty) -> EventSubscriptionList,
+            "GetEventSubscriptions", "—", Required, body: false, query: [], prepare: nothing,
+            "Every event subscription of the application."),
+        route!(bots: GET "/api/v1/event-subscriptions/{subscriptionId}" => get_event_subscription(GetEventSubscriptionRequest) -> EventSubscription,
+            "GetEventSubscription", "—", Required, body: false, query: [],
+            prepare: |request: &mut wire::GetEventSubscriptionRequest, params| { request.subscription_id = params.path("subscriptionId"); Ok(()) },
+            "One event subscription by id."),
+        route!(bots: PATCH "/api/v1/event-subscriptions/{subscriptionId}" => update_event_subscription(UpdateEventSubscriptionRequest) -> EventSubscription,
+            "UpdateEventSubscription", "—", Required, body: true, query: [],
+            prepare: |request: &mut wire::UpdateEventSubscriptionRequest, params| { request.subscription_id = params.path("subscriptionId"); Ok(()) },
+            "Changes the fields named in `updateMask` (url, secret, eventKinds, conversationIds, enabled)."),
+        route!(bots: DELETE "/api/v1/event-subscriptions/{subscriptionId}" => delete_event_subscription(DeleteEventSubscriptionRequest) -> Empty,
+            "DeleteEventSubscription", "—", Required, body: false, query: [],
+            prepare: |request: &mut wire::DeleteEventSubscriptionRequest, params| { request.subscription_id = params.path("subscriptionId"); Ok(()) },
+            "Deletes a subscription and its queue."),
+        route!(bots: POST "/api/v1/event-subscriptions/{subscriptionId}/replay" => replay_events(ReplayEventsRequest) -> ReplayEventsResponse,
+            "ReplayEvents", "—", Required, body: true, query: [],
+            prepare: |request: &mut wire::ReplayEventsRequest, params| { request.subscription_id = params.path("subscriptionId"); Ok(()) },
+            "Queues stored events again: one conversation after `afterSeq`, or all since `since`."),
+        route!(bots: POST "/api/v1/dead-letters/search" => list_dead_letters(ListDeadLettersRequest) -> DeadLetterList,
+            "ListDeadLetters", "—", Required, body: true, query: [], prepare: nothing,
+            "Events that failed `max_attempts` times, of bots (default) or subscriptions, paged with `after`."),
+        route!(bots: POST "/api/v1/dead-letters/retry" => retry_dead_letters(DeadLetterIds) -> DeadLetterActionResult,
+            "RetryDeadLetters", "—", Required, body: true, query: [], prepare: nothing,
+            "Puts dead letters back in their queues with a fresh attempt count."),
+        route!(bots: POST "/api/v1/dead-letters/discard" => discard_dead_letters(DeadLetterIds) -> DeadLetterActionResult,
+            "DiscardDeadLetters", "—", Required, body: true, query: [], prepare: nothing,
+            "Deletes dead letters for good."),
     ]
 }
 
@@ -331,7 +407,7 @@ async fn dispatch(
         },
     };
     let params = Params { path, query };
-    match (route.handler)(gateway.routing.clone(), caller, params, body).await {
+    match (route.handler)(gateway.clone(), caller, params, body).await {
         Ok(value) => axum::Json(value).into_response(),
         Err(error) => {
             if error.code == ErrorCode::Internal {

@@ -3,20 +3,23 @@
 //! (`/ws`), authenticates callers through routing, keeps per-connection
 //! subscriptions fed from the bus, and records presence in the registry.
 //!
-//! It holds routing as `Arc<dyn Routing>`: the in-process service or a gRPC
-//! client, and cannot tell which.
+//! It holds routing as `Arc<dyn Routing>` and bots as `Arc<dyn Bots>`: the
+//! in-process services or gRPC clients, and cannot tell which.
 
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use beseda_bots::ProcessingConnector;
 use beseda_bus::Bus;
+use beseda_proto::v1::bots_server::Bots;
 use beseda_proto::v1::routing_server::Routing;
 use beseda_registry::Registry;
 
 pub mod api;
 pub mod auth;
+pub mod bots;
 pub mod http_error;
 pub mod openapi;
 pub mod ws;
@@ -58,6 +61,9 @@ impl Default for GatewayConfig {
 #[derive(Clone)]
 pub struct Gateway {
     pub routing: Arc<dyn Routing>,
+    pub bots: Arc<dyn Bots>,
+    /// Where bot processing connections (`/bots/v1/processing`) are served.
+    pub processing: Arc<dyn ProcessingConnector>,
     pub bus: Arc<dyn Bus>,
     pub registry: Arc<dyn Registry>,
     pub config: Arc<GatewayConfig>,
@@ -66,10 +72,11 @@ pub struct Gateway {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// `/api/v1`, `/api/openapi.json` and `/ws`.
+/// `/api/v1`, `/api/openapi.json`, `/ws`, `/bots/v1/processing` and `/webhooks/{token}`.
 pub fn router(gateway: Gateway) -> axum::Router {
     let openapi = axum::Router::new()
         .route("/api/openapi.json", axum::routing::get(|| async { axum::Json(openapi::document()) }));
     let websocket = axum::Router::new().route("/ws", axum::routing::get(ws::upgrade)).with_state(gateway.clone());
-    api::router(gateway).merge(openapi).merge(websocket)
+    let bots = bots::router(gateway.clone());
+    api::router(gateway).merge(openapi).merge(websocket).merge(bots)
 }

@@ -22,6 +22,9 @@ use crate::{
 #[doc(hidden)]
 pub use futures_util as __futures_util;
 
+mod bots;
+pub use bots::*;
+
 /// A store under test and what keeps it alive (a temporary directory, a
 /// database schema) until [`teardown`](Fixture::teardown).
 pub trait Fixture: Send + Sized {
@@ -62,6 +65,16 @@ macro_rules! conformance_suite {
             watch_mode_is_stored_per_user_and_forms_the_notification_audience,
             do_not_disturb_is_user_wide_or_per_conversation,
             no_method_reads_or_changes_another_applications_rows,
+            bots_are_stored_with_one_bot_per_user_and_one_predefined_bot_per_type,
+            integrations_are_found_by_token_and_map_external_ids_once,
+            subscriptions_are_stored_and_deleted_with_their_queue,
+            conversation_changes_write_their_events_to_the_outbox,
+            relay_outbox_moves_rows_into_queues_atomically,
+            events_for_replay_read_the_log_by_seq_or_by_time,
+            claims_keep_conversation_order_with_one_delivery_in_flight,
+            concurrent_claims_hand_out_each_delivery_once,
+            failed_and_exhausted_deliveries_become_dead_letters,
+            bot_rows_and_queues_are_isolated_between_applications,
         );
     };
     (@tests $fixture:path; $($test:ident),* $(,)?) => {

@@ -6,9 +6,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use beseda_core::bots::{ApplicationEvent, ApplicationEventKind};
 use beseda_core::model::*;
 use beseda_core::{Error, ErrorCode, Result};
 
+use crate::bots_sql::{application_event, insert_outbox};
 use crate::engine::{Autocommit, DbError, Engine, Executor, Row, SqlBuilder, Value, contains_pattern};
 use crate::{
     AppendOutcome, ConversationChange, ConversationQuery, DoNotDisturbState, MessageQuery, NewMessage,
@@ -17,7 +19,7 @@ use crate::{
 
 /// Bound parameters per `IN (...)` list or multi-row `INSERT`: far below
 /// both engines' limits (SQLite 32766, PostgreSQL 65535).
-const CHUNK: usize = 500;
+pub(crate) const CHUNK: usize = 500;
 
 const SUBSCRIBER_COLUMNS: &str = "id, email, administration_key_hash, created_at";
 const APPLICATION_COLUMNS: &str = "id, subscriber_id, name, application_key, state, created_at";
@@ -50,12 +52,11 @@ impl SqlStore {
         SqlStore { engine }
     }
 
-    #[cfg(test)]
     pub(crate) fn engine(&self) -> &dyn Engine {
         self.engine.as_ref()
     }
 
-    fn auto(&self) -> Autocommit<'_> {
+    pub(crate) fn auto(&self) -> Autocommit<'_> {
         Autocommit(self.engine.as_ref())
     }
 }
@@ -448,6 +449,13 @@ impl crate::Store for SqlStore {
             Err(error) => return Err(error.into()),
         }
         insert_members(tx.as_mut(), application_id, &conversation.id, &conversation.member_ids).await?;
+        let created = ApplicationEvent {
+            conversation_id: conversation.id.clone(),
+            seq: conversation.last_seq,
+            at: conversation.created_at,
+            kind: ApplicationEventKind::ConversationCreated { conversation: conversation.clone() },
+        };
+        insert_outbox(tx.as_mut(), application_id, &created).await?;
         tx.commit().await?;
         tracing::debug!(application_id, conversation_id = %conversation.id, "conversation inserted");
         Ok(())
@@ -483,6 +491,8 @@ impl crate::Store for SqlStore {
     ) -> Result<(Conversation, ConversationEvent)> {
         let mut tx = self.engine.begin().await?;
         let seq = bump_seq(tx.as_mut(), application_id, conversation_id).await?;
+        // Read under the seq row lock, so the deltas below are exact.
+        let members_before = member_ids(tx.as_mut(), application_id, conversation_id).await?;
         let ids: [Value; 2] = [application_id.into(), conversation_id.into()];
         if let Some(title) = &change.title {
             tx.execute(
@@ -515,6 +525,18 @@ impl crate::Store for SqlStore {
             kind: EventKind::ConversationChanged(conversation.clone()),
         };
         insert_event(tx.as_mut(), application_id, &event).await?;
+        let (added_member_ids, removed_member_ids) = membership_delta(&members_before, &conversation, change);
+        let changed = ApplicationEvent {
+            conversation_id: conversation_id.to_owned(),
+            seq,
+            at: event.at,
+            kind: ApplicationEventKind::ConversationChanged {
+                conversation: conversation.clone(),
+                added_member_ids,
+                removed_member_ids,
+            },
+        };
+        insert_outbox(tx.as_mut(), application_id, &changed).await?;
         tx.commit().await?;
         tracing::debug!(application_id, conversation_id, seq, "conversation changed");
         Ok((conversation, event))
@@ -721,6 +743,7 @@ impl crate::Store for SqlStore {
             kind: EventKind::MessageCreated(stored.clone()),
         };
         insert_event(tx.as_mut(), application_id, &event).await?;
+        insert_outbox(tx.as_mut(), application_id, &application_event(event.clone())).await?;
 
         let mut seen = HashSet::new();
         let notify: Vec<String> =
@@ -1195,6 +1218,45 @@ async fn insert_members<E: Executor + ?Sized>(
     Ok(())
 }
 
+async fn member_ids<E: Executor + ?Sized>(
+    ex: &mut E,
+    application_id: &str,
+    conversation_id: &str,
+) -> Result<HashSet<String>> {
+    let rows = ex
+        .query(
+            "SELECT user_id FROM conversation_members WHERE application_id = $1 AND conversation_id = $2",
+            &[application_id.into(), conversation_id.into()],
+        )
+        .await?;
+    rows.iter().map(|row| row.text(0)).collect()
+}
+
+/// The members a change really added and really removed, in the order the
+/// change named them: asking to add a member or remove a stranger is no change.
+fn membership_delta(
+    before: &HashSet<String>,
+    after: &Conversation,
+    change: &ConversationChange,
+) -> (Vec<String>, Vec<String>) {
+    let after: HashSet<&str> = after.member_ids.iter().map(String::as_str).collect();
+    let mut seen = HashSet::new();
+    let added = change
+        .add_member_ids
+        .iter()
+        .filter(|id| !before.contains(*id) && after.contains(id.as_str()) && seen.insert(id.as_str()))
+        .cloned()
+        .collect();
+    let mut seen = HashSet::new();
+    let removed = change
+        .remove_member_ids
+        .iter()
+        .filter(|id| before.contains(*id) && !after.contains(id.as_str()) && seen.insert(id.as_str()))
+        .cloned()
+        .collect();
+    (added, removed)
+}
+
 async fn bump_seq<E: Executor + ?Sized>(ex: &mut E, application_id: &str, conversation_id: &str) -> Result<u64> {
     let rows = ex.query(BUMP_SEQ, &[application_id.into(), conversation_id.into()]).await?;
     match rows.first() {
@@ -1342,6 +1404,7 @@ async fn finish_message_change<E: Executor + ?Sized>(
     let event =
         ConversationEvent { conversation_id: stored.conversation_id.clone(), seq, at, kind: kind(stored.clone()) };
     insert_event(ex, application_id, &event).await?;
+    insert_outbox(ex, application_id, &application_event(event.clone())).await?;
     tracing::debug!(application_id, message_id, seq, "message changed");
     Ok((stored, event))
 }

@@ -124,7 +124,7 @@ pub struct NotificationAudience {
 /// The system of record. Implementations: [`sqlite::SqliteStore`] and
 /// [`postgres::PostgresStore`]; both pass [`conformance`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: BotStore + Send + Sync + 'static {
     // ---- subscribers and applications (not tenant-scoped: they define tenants)
 
     /// Finds the subscriber with this (lower-cased) e-mail or creates it.
@@ -286,6 +286,10 @@ pub trait Store: Send + Sync + 'static {
     async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>>;
 }
 
+pub use bots::BotStore;
+
+pub mod bots;
+mod bots_sql;
 pub mod conformance;
 mod domain;
 pub use domain::SqlStore;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod processing;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +44,15 @@ impl TestServer {
     }
 
     async fn start_with(data_dir: tempfile::TempDir, postgres: Option<(String, String)>) -> TestServer {
+        Self::start_configured(data_dir, postgres, |_| {}).await
+    }
+
+    /// Starts a node with settings changed by `tweak` (e.g. short bot leases).
+    pub async fn start_configured(
+        data_dir: tempfile::TempDir,
+        postgres: Option<(String, String)>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> TestServer {
         let mut config = NodeConfig::default();
         if let Some((url, schema)) = postgres {
             config.store.backend = beseda::config::StoreBackend::Postgres;
@@ -51,8 +62,10 @@ impl TestServer {
         }
         config.server.data_dir = data_dir.path().to_owned();
         config.server.shutdown_grace_seconds = 2;
+        tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().unwrap();
+        config.server.public_url = Some(format!("http://{address}"));
         let outbox = config.outbox_dir();
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(beseda::app::run(config, listener, async move {
