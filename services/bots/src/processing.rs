@@ -51,6 +51,12 @@ struct Slot {
     superseded: Arc<Notify>,
 }
 
+impl Default for ProcessingHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ProcessingHub {
     pub fn new() -> Self {
         ProcessingHub {

@@ -787,9 +787,10 @@ async fn handle(service: &BotsService, request: wire::WebhookRequest) -> Outcome
     if token.is_empty() || token.len() > 512 {
         return Err(Reject::not_found());
     }
+    // Nothing about the server's internals is told before the caller is known.
     let found = service.store.find_integration_by_token(token).await.map_err(|error| {
         tracing::warn!(%error, "webhook: cannot look up the integration");
-        Reject::from(error)
+        Reject::failed("unavailable: the integration could not be looked up; retry later")
     })?;
     let Some((application_id, integration)) =
         found.filter(|(_, integration)| integration.enabled && integration.system_type == WEBHOOK)

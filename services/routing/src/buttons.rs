@@ -18,7 +18,7 @@ pub enum Pressed {
     /// Queued for the bot.
     QueuedForBot,
     /// Posted this message.
-    Sent(Message),
+    Sent(Box<Message>),
 }
 
 impl RoutingService {
@@ -89,7 +89,7 @@ impl RoutingService {
                     date: None,
                 };
                 let acting_caller = Caller { user_id: Some(presser.id), ..caller.clone() };
-                Ok(Pressed::Sent(self.send_message(&acting_caller, &selector, outgoing).await?))
+                Ok(Pressed::Sent(Box::new(self.send_message(&acting_caller, &selector, outgoing).await?)))
             }
             ButtonAction::RequestLocation
             | ButtonAction::RequestPhone

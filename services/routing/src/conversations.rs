@@ -45,6 +45,8 @@ pub struct NewConversation {
     pub context: Option<beseda_core::model::ContextRef>,
     pub member_ids: Vec<String>,
     pub all_application_users: bool,
+    /// The integration whose external chat this is (privileged mode only).
+    pub integration_id: Option<String>,
 }
 
 impl RoutingService {
@@ -164,6 +166,13 @@ impl RoutingService {
         if request.read_only {
             caller.require_privileged("creating a read-only conversation")?;
         }
+        if let Some(integration_id) = &request.integration_id {
+            caller.require_privileged("marking a conversation as an integration's")?;
+            if self.store.get_integration(&caller.application_id, integration_id).await?.is_none() {
+                return Err(crate::not_found(ErrorCode::IntegrationNotFound, "integration", integration_id)
+                    .with_field("conversation.integrationId"));
+            }
+        }
         if let Some(key) = &request.key {
             rules::conversation_key(key)?;
         }
@@ -226,7 +235,7 @@ impl RoutingService {
             context: request.context,
             member_ids,
             all_application_users: request.all_application_users,
-            integration_id: String::new(),
+            integration_id: request.integration_id.clone().unwrap_or_default(),
             created_at: now_micros(),
             last_message_at: None,
             last_seq: 0,

@@ -332,6 +332,7 @@ impl Routing for RoutingService {
                 context,
                 member_ids: conversation.member_ids.clone(),
                 all_application_users: conversation.all_application_users,
+                integration_id: non_empty(&conversation.integration_id),
             };
             let created = self.create_conversation(&caller, new_conversation).await?;
             self.conversation_to_wire(&caller, created).await

@@ -392,7 +392,10 @@ async fn a_receiver_that_is_down_for_a_while_gets_everything_in_order_once_back(
     assert_conversation_order(&receiver.hits());
 }
 
-#[tokio::test]
+// Two worker threads: app::run does not wait for the stopped node's background tasks (the
+// relay, the dispatcher), and on one thread the new node's blocking SQLite open could wait on a
+// transaction of theirs that cannot finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_state_survives_a_restart() {
     let receiver = Receiver::start(503).await;
     let server = start(1_000).await;

@@ -17,6 +17,7 @@ const PACKAGE_PREFIX: &str = ".beseda.v1.";
 fn schema_ref(type_name: &str) -> Value {
     match type_name {
         ".google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
+        ".google.protobuf.Struct" => json!({"type": "object"}),
         other => json!({"$ref": format!("#/components/schemas/{}", other.trim_start_matches(PACKAGE_PREFIX))}),
     }
 }
@@ -37,10 +38,25 @@ fn field_schema(field: &prost_types::FieldDescriptorProto) -> Value {
     if field.label() == Label::Repeated { json!({"type": "array", "items": scalar}) } else { scalar }
 }
 
+/// A `map<K, V>` field: in canonical JSON an object with string keys.
+fn map_schema(message: &DescriptorProto, field: &prost_types::FieldDescriptorProto) -> Option<Value> {
+    if field.label() != Label::Repeated {
+        return None;
+    }
+    let entry_name = field.type_name().rsplit('.').next()?;
+    let entry = message
+        .nested_type
+        .iter()
+        .find(|nested| nested.name() == entry_name && nested.options.as_ref().is_some_and(|options| options.map_entry()))?;
+    let value = entry.field.iter().find(|entry_field| entry_field.number() == 2)?;
+    Some(json!({"type": "object", "additionalProperties": field_schema(value)}))
+}
+
 fn message_schema(message: &DescriptorProto) -> Value {
     let mut properties = Map::new();
     for field in &message.field {
-        properties.insert(field.json_name().to_owned(), field_schema(field));
+        let schema = map_schema(message, field).unwrap_or_else(|| field_schema(field));
+        properties.insert(field.json_name().to_owned(), schema);
     }
     json!({"type": "object", "properties": properties, "additionalProperties": false})
 }

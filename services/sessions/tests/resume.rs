@@ -45,10 +45,19 @@ async fn start() -> Harness {
     store.insert_application(&application).await.unwrap();
     let bus = Arc::new(InProcessBus::new());
     let mailer = Arc::new(OutboxMailer::new(directory.path().join("outbox"), "beseda@localhost").unwrap());
-    let routing = RoutingService::new(store, bus.clone(), mailer, RoutingConfig { public_url: "http://test".into() });
+    let routing =
+        RoutingService::new(store.clone(), bus.clone(), mailer, RoutingConfig { public_url: "http://test".into() });
+    let bots = beseda_bots::BotsService::new(
+        store,
+        Arc::new(routing.clone()),
+        routing.outbox_signal(),
+        beseda_bots::BotsConfig::default(),
+    );
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     let gateway = Gateway {
         routing: Arc::new(routing.clone()),
+        bots: Arc::new(bots.clone()),
+        processing: Arc::new(bots),
         bus: bus.clone(),
         registry: Arc::new(LocalRegistry::new()),
         config: Arc::new(GatewayConfig::default()),
@@ -116,6 +125,7 @@ async fn subscribed(harness: &Harness) -> (Socket, String, Caller) {
                 context: None,
                 member_ids: vec![],
                 all_application_users: false,
+                integration_id: None,
             },
         )
         .await

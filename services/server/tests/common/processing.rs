@@ -22,7 +22,8 @@ impl Processing {
     pub async fn connect(server: &TestServer, application: &Application, predefined: Value) -> Processing {
         let url = format!("{}/bots/v1/processing", server.base_url.replacen("http", "ws", 1));
         let mut request = url.into_client_request().unwrap();
-        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", application.id, application.key));
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", application.id, application.key));
         request.headers_mut().insert("authorization", format!("Basic {credentials}").parse().unwrap());
         let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("processing connection");
         let mut processing = Processing { socket, bots: Vec::new() };
