@@ -6,8 +6,8 @@ use std::pin::Pin;
 
 use beseda_core::bots::{Bot, ConsumerKind, EVENT_KINDS, EventSubscription, Integration};
 use beseda_core::limits::{
-    MAX_EVENT_SUBSCRIPTIONS, MAX_MEMBERS, MAX_NAME_CHARS, MAX_PARAMETER_VALUE_CHARS, MAX_PARAMETERS,
-    MAX_REPLAY_EVENTS, MAX_URL_CHARS,
+    MAX_EVENT_SUBSCRIPTIONS, MAX_MEMBERS, MAX_NAME_CHARS, MAX_PARAMETER_VALUE_CHARS, MAX_PARAMETERS, MAX_REPLAY_EVENTS,
+    MAX_URL_CHARS,
 };
 use beseda_core::model::{new_id, now_micros};
 use beseda_core::{Error, ErrorCode, Result, rules};
@@ -71,7 +71,10 @@ fn masked(mask: &[String], field: &str) -> bool {
 
 fn check_mask(mask: &[String], allowed: &[&str]) -> Result<()> {
     if mask.is_empty() {
-        return Err(Error::invalid("updateMask", format!("name the fields to change, some of: {}", allowed.join(", "))));
+        return Err(Error::invalid(
+            "updateMask",
+            format!("name the fields to change, some of: {}", allowed.join(", ")),
+        ));
     }
     for name in mask {
         if !allowed.contains(&name.as_str()) {
@@ -118,8 +121,11 @@ impl BotsService {
         }
         let found = self.store.get_users(application_id, member_ids).await?;
         if let Some(missing) = member_ids.iter().find(|id| !found.iter().any(|user| &user.id == *id)) {
-            return Err(Error::new(ErrorCode::UserNotFound, format!("user `{missing}` does not exist in this application"))
-                .with_field("integration.memberIds"));
+            return Err(Error::new(
+                ErrorCode::UserNotFound,
+                format!("user `{missing}` does not exist in this application"),
+            )
+            .with_field("integration.memberIds"));
         }
         Ok(())
     }
@@ -266,8 +272,11 @@ impl Bots for BotsService {
             }
             if masked(mask, "botType") {
                 if bot.predefined && source.bot_type.trim() != bot.bot_type {
-                    return Err(Error::new(ErrorCode::PredefinedBot, "the type (Метаданные) of a predefined bot cannot change")
-                        .with_field("bot.botType"));
+                    return Err(Error::new(
+                        ErrorCode::PredefinedBot,
+                        "the type (Метаданные) of a predefined bot cannot change",
+                    )
+                    .with_field("bot.botType"));
                 }
                 validate_bot_type(&source.bot_type, "bot.botType")?;
                 bot.bot_type = source.bot_type.trim().to_owned();
@@ -349,7 +358,8 @@ impl Bots for BotsService {
         let caller = caller_of(&request)?;
         let result = async {
             caller.require_privileged("reading an integration (its connection point URL is a secret)")?;
-            let integration = self.existing_integration(&caller.application_id, &request.get_ref().integration_id).await?;
+            let integration =
+                self.existing_integration(&caller.application_id, &request.get_ref().integration_id).await?;
             Ok(integration_to_wire(&integration, &self.config.public_url))
         };
         answer(result.await)
@@ -362,7 +372,10 @@ impl Bots for BotsService {
             let request = request.get_ref();
             let source = request.integration.as_ref().ok_or_else(|| Error::field_required("integration"))?;
             let mask = &request.update_mask;
-            check_mask(mask, &["key", "use", "externalSystemParameters", "presentation", "memberIds", "signingSecret"])?;
+            check_mask(
+                mask,
+                &["key", "use", "externalSystemParameters", "presentation", "memberIds", "signingSecret"],
+            )?;
             let mut integration = self.existing_integration(&caller.application_id, &request.integration_id).await?;
             if masked(mask, "key") {
                 if source.key.trim().is_empty() {
@@ -401,7 +414,8 @@ impl Bots for BotsService {
         let caller = caller_of(&request)?;
         let result = async {
             caller.require_privileged("deleting an integration")?;
-            let integration = self.existing_integration(&caller.application_id, &request.get_ref().integration_id).await?;
+            let integration =
+                self.existing_integration(&caller.application_id, &request.get_ref().integration_id).await?;
             self.store.delete_integration(&caller.application_id, &integration.id).await?;
             Ok(wire::Empty {})
         };
@@ -452,7 +466,9 @@ impl Bots for BotsService {
             if self.store.list_subscriptions(&caller.application_id).await?.len() >= MAX_EVENT_SUBSCRIPTIONS {
                 return Err(Error::new(
                     ErrorCode::InvalidValue,
-                    format!("an application has at most {MAX_EVENT_SUBSCRIPTIONS} event subscriptions; delete one first"),
+                    format!(
+                        "an application has at most {MAX_EVENT_SUBSCRIPTIONS} event subscriptions; delete one first"
+                    ),
                 ));
             }
             let mut subscription = EventSubscription {
@@ -637,15 +653,9 @@ pub struct ProcessingGrpc(pub BotsService);
 impl BotProcessing for ProcessingGrpc {
     type ProcessStream = Pin<Box<dyn Stream<Item = std::result::Result<wire::ProcessingServerFrame, Status>> + Send>>;
 
-    async fn process(
-        &self,
-        request: Request<Streaming<wire::ProcessingClientFrame>>,
-    ) -> Reply<Self::ProcessStream> {
+    async fn process(&self, request: Request<Streaming<wire::ProcessingClientFrame>>) -> Reply<Self::ProcessStream> {
         let caller = caller_of(&request)?;
-        let inbound = request
-            .into_inner()
-            .map(|frame| frame.map_err(|status| status::from_status(&status)))
-            .boxed();
+        let inbound = request.into_inner().map(|frame| frame.map_err(|status| status::from_status(&status))).boxed();
         let outbound = self.0.open_processing(caller, inbound).map(Ok).boxed();
         Ok(Response::new(outbound))
     }

@@ -445,7 +445,12 @@ impl Dispatcher {
         }
     }
 
-    async fn start(&mut self, application_id: &str, enabled: &HashMap<String, Arc<EventSubscription>>, delivery: Delivery) {
+    async fn start(
+        &mut self,
+        application_id: &str,
+        enabled: &HashMap<String, Arc<EventSubscription>>,
+        delivery: Delivery,
+    ) {
         let key = (application_id.to_owned(), delivery.id);
         if self.in_flight_ids.contains(&key) {
             // Still being POSTed (its store update is late): that attempt acknowledges or fails it.
@@ -737,5 +742,243 @@ mod tests {
         nowhere.url = format!("http://{closed_address}/hook");
         let refused = post(&client, "app-1", &nowhere, &delivery).await.unwrap_err();
         assert!(!refused.is_empty() && !refused.starts_with("HTTP"), "{refused}");
+    }
+
+    // ---- the dispatcher against the real store (SQLite in memory)
+
+    mod dispatcher {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        use axum::http::StatusCode;
+        use beseda_core::bots::{ApplicationEvent, ApplicationEventKind, NewDelivery};
+        use beseda_core::model::{Application, ApplicationState, new_id};
+        use beseda_store::sqlite::SqliteStore;
+
+        use super::*;
+
+        const WAIT: Duration = Duration::from_secs(20);
+
+        /// Conversation "stuck" answers 503; "hang" never answers; the rest 200.
+        #[derive(Default)]
+        struct Receiver {
+            got: Mutex<Vec<serde_json::Value>>,
+            stuck_fixed: AtomicBool,
+        }
+
+        async fn receiver() -> (Arc<Receiver>, String) {
+            let state = Arc::new(Receiver::default());
+            let handler = {
+                let state = state.clone();
+                move |body: axum::body::Bytes| {
+                    let state = state.clone();
+                    async move {
+                        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let conversation = value["event"]["conversationId"].as_str().unwrap_or_default().to_owned();
+                        state.got.lock().unwrap().push(value);
+                        match conversation.as_str() {
+                            "hang" => std::future::pending::<StatusCode>().await,
+                            "stuck" if !state.stuck_fixed.load(Ordering::SeqCst) => StatusCode::SERVICE_UNAVAILABLE,
+                            _ => StatusCode::OK,
+                        }
+                    }
+                }
+            };
+            let app = axum::Router::new().route("/hook", axum::routing::post(handler));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/hook", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (state, url)
+        }
+
+        impl Receiver {
+            fn seqs_of(&self, conversation: &str) -> Vec<u64> {
+                let got = self.got.lock().unwrap();
+                got.iter()
+                    .filter(|value| value["event"]["conversationId"] == conversation)
+                    .map(|value| value["event"]["seq"].as_str().unwrap().parse().unwrap())
+                    .collect()
+            }
+        }
+
+        async fn tenant(store: &dyn Store) -> String {
+            let subscriber = store.upsert_subscriber(&format!("{}@example.com", new_id())).await.unwrap();
+            let application = Application {
+                id: new_id(),
+                subscriber_id: subscriber.id,
+                name: "Outbound".into(),
+                key: Some("secret".into()),
+                state: ApplicationState::Registered,
+                created_at: now_micros(),
+            };
+            store.insert_application(&application).await.unwrap();
+            application.id
+        }
+
+        async fn subscription(store: &dyn Store, application_id: &str, url: &str, enabled: bool) -> EventSubscription {
+            let subscription = EventSubscription {
+                id: new_id(),
+                url: url.to_owned(),
+                secret: "0123456789abcdef".into(),
+                event_kinds: vec![],
+                conversation_ids: vec![],
+                enabled,
+                created_at: now_micros(),
+            };
+            store.insert_subscription(application_id, &subscription).await.unwrap();
+            subscription
+        }
+
+        fn delivery(subscription_id: &str, conversation: &str, seq: u64) -> NewDelivery {
+            let bot = beseda_core::bots::Bot {
+                id: format!("bot-{seq}"),
+                user_id: "user".into(),
+                bot_type: "EchoBot".into(),
+                additional_parameters: Default::default(),
+                predefined: false,
+                infobase_user_name: String::new(),
+                created_at: 0,
+            };
+            NewDelivery {
+                consumer_kind: ConsumerKind::Subscription,
+                consumer_id: subscription_id.to_owned(),
+                kind: "bot.updated".into(),
+                event: ApplicationEvent {
+                    conversation_id: conversation.to_owned(),
+                    seq,
+                    at: now_micros(),
+                    kind: ApplicationEventKind::BotUpdated { bot },
+                },
+            }
+        }
+
+        async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+            let deadline = Instant::now() + WAIT;
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        fn config(max_attempts: u32) -> Arc<BotsConfig> {
+            Arc::new(BotsConfig {
+                max_attempts,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(50),
+                poll_interval: Duration::from_millis(50),
+                outbound_timeout: Duration::from_secs(1),
+                max_in_flight: 8,
+                ..BotsConfig::default()
+            })
+        }
+
+        fn spawn(store: Arc<dyn Store>, config: Arc<BotsConfig>) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+            let (stop, shutdown) = watch::channel(false);
+            let client = http_client(&config).unwrap();
+            let dispatcher = Dispatcher::new(store, config, client, Arc::new(Notify::new()));
+            (stop, tokio::spawn(dispatcher.run(shutdown)))
+        }
+
+        #[test]
+        fn the_dispatcher_future_is_send() {
+            fn send<T: Send>(_: &T) {}
+            fn check(service: BotsService, shutdown: watch::Receiver<bool>) {
+                send(&run(service, shutdown));
+            }
+            let _ = check;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failing_conversation_holds_back_only_itself_and_dies_after_max_attempts() {
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().unwrap());
+            let application_id = tenant(store.as_ref()).await;
+            let (received, url) = receiver().await;
+            let live = subscription(store.as_ref(), &application_id, &url, true).await;
+            let disabled = subscription(store.as_ref(), &application_id, &url, false).await;
+            let mut deliveries = Vec::new();
+            for seq in 1..=5 {
+                deliveries.push(delivery(&live.id, "stuck", seq));
+                deliveries.push(delivery(&live.id, "fine", seq));
+                deliveries.push(delivery(&disabled.id, "other", seq));
+            }
+            store.enqueue(&application_id, &deliveries).await.unwrap();
+            let (stop, task) = spawn(store.clone(), config(3));
+
+            // "fine" flows in order while "stuck" retries its first event.
+            eventually("the healthy conversation", || received.seqs_of("fine").len() == 5).await;
+            assert_eq!(received.seqs_of("fine"), [1, 2, 3, 4, 5]);
+            // Then "stuck"'s events die one by one after 3 attempts each, in order.
+            eventually("dead letters", || received.seqs_of("stuck").len() == 15).await;
+            assert_eq!(received.seqs_of("stuck"), [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]);
+            let dead = store.list_dead(&application_id, ConsumerKind::Subscription, None, 0, 100).await.unwrap();
+            assert_eq!(dead.len(), 5);
+            assert!(
+                dead.iter().all(|delivery| delivery.attempts == 3 && delivery.last_error == "HTTP 503"),
+                "{dead:?}"
+            );
+            // A disabled subscription's queue is left alone.
+            assert!(received.seqs_of("other").is_empty());
+            assert_eq!(store.queue_depth(&application_id, &disabled.id).await.unwrap(), 5);
+            assert_eq!(store.queue_depth(&application_id, &live.id).await.unwrap(), 0);
+
+            // Enabled again, it flows; retried dead letters flow too, from a fresh count.
+            received.stuck_fixed.store(true, Ordering::SeqCst);
+            store
+                .update_subscription(&application_id, &EventSubscription { enabled: true, ..disabled.clone() })
+                .await
+                .unwrap();
+            let ids: Vec<i64> = dead.iter().map(|delivery| delivery.id).collect();
+            assert_eq!(store.retry_dead(&application_id, &ids, now_micros()).await.unwrap(), 5);
+            eventually("the re-enabled subscription", || received.seqs_of("other").len() == 5).await;
+            assert_eq!(received.seqs_of("other"), [1, 2, 3, 4, 5]);
+            eventually("the retried dead letters", || received.seqs_of("stuck").len() == 20).await;
+            assert_eq!(&received.seqs_of("stuck")[15..], [1, 2, 3, 4, 5]);
+            let attempts: Vec<u64> = received.got.lock().unwrap()[..]
+                .iter()
+                .filter(|value| value["event"]["conversationId"] == "stuck")
+                .map(|value| value["attempt"].as_u64().unwrap())
+                .collect();
+            assert_eq!(&attempts[12..], [1, 2, 3, 1, 1, 1, 1, 1]);
+
+            stop.send(true).unwrap();
+            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_receiver_that_never_answers_times_out_and_shutdown_hands_back_what_is_in_flight() {
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().unwrap());
+            let application_id = tenant(store.as_ref()).await;
+            let (received, url) = receiver().await;
+            let live = subscription(store.as_ref(), &application_id, &url, true).await;
+            store
+                .enqueue(&application_id, &[delivery(&live.id, "hang", 1), delivery(&live.id, "hang", 2)])
+                .await
+                .unwrap();
+
+            // The 1 s timeout fails the first attempt; the second one is under way at shutdown.
+            let (stop, task) = spawn(store.clone(), config(10));
+            eventually("a retry after the timeout", || received.seqs_of("hang").len() == 2).await;
+            assert_eq!(received.seqs_of("hang"), [1, 1], "the next event waits for the first");
+            stop.send(true).unwrap();
+            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+
+            // Handed back: due now with its attempt count, not after the visibility timeout.
+            let claim = Claim {
+                consumer_kind: ConsumerKind::Subscription,
+                consumer_ids: vec![live.id.clone()],
+                now: now_micros(),
+                visible_again_at: now_micros() + 60_000_000,
+                max_attempts: 10,
+                limit: 10,
+            };
+            let claimed = store.claim(&application_id, &claim).await.unwrap();
+            assert_eq!(claimed.len(), 1, "{claimed:?}");
+            assert_eq!((claimed[0].event.seq, claimed[0].attempts), (1, 3));
+            assert!(
+                claimed[0].last_error.contains("timed out") || claimed[0].last_error.contains("timeout"),
+                "{}",
+                claimed[0].last_error
+            );
+        }
     }
 }

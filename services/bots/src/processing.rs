@@ -59,11 +59,7 @@ impl Default for ProcessingHub {
 
 impl ProcessingHub {
     pub fn new() -> Self {
-        ProcessingHub {
-            connections: DashMap::new(),
-            generations: AtomicU64::new(0),
-            shutdown: watch::channel(false).0,
-        }
+        ProcessingHub { connections: DashMap::new(), generations: AtomicU64::new(0), shutdown: watch::channel(false).0 }
     }
 
     /// New events are queued for the application's bots.
@@ -350,7 +346,10 @@ impl Connection {
                 } else {
                     let error = Error::new(
                         ErrorCode::DeliveryNotFound,
-                        format!("delivery {} is not pending: acknowledged before, or never handed out", ack.delivery_id),
+                        format!(
+                            "delivery {} is not pending: acknowledged before, or never handed out",
+                            ack.delivery_id
+                        ),
                     );
                     Ok(self.send(error_frame(&error)).await)
                 }
@@ -360,10 +359,8 @@ impl Connection {
                 let config = &self.service.config;
                 let dead = attempts >= config.max_attempts;
                 let retry_at = now_micros().saturating_add(
-                    i64::try_from(
-                        backoff::delay(config.initial_backoff, config.max_backoff, attempts).as_micros(),
-                    )
-                    .unwrap_or(i64::MAX),
+                    i64::try_from(backoff::delay(config.initial_backoff, config.max_backoff, attempts).as_micros())
+                        .unwrap_or(i64::MAX),
                 );
                 let error: String = nack.error.chars().take(2000).collect();
                 match self.service.store.fail(self.application_id(), nack.delivery_id, &error, retry_at, dead).await {

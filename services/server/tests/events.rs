@@ -61,7 +61,9 @@ async fn subscribe(
 }
 
 async fn send(server: &TestServer, auth: &Auth, conversation_id: &str, text: &str) -> Value {
-    server.ok("POST", &format!("/api/v1/conversations/{conversation_id}/messages"), auth, Some(json!({"text": text}))).await
+    server
+        .ok("POST", &format!("/api/v1/conversations/{conversation_id}/messages"), auth, Some(json!({"text": text})))
+        .await
 }
 
 /// Dead letters of subscriptions, as the API lists them.
@@ -288,7 +290,8 @@ async fn events_arrive_signed_with_the_documented_body() {
     server.ok("PATCH", &format!("/api/v1/messages/{message_id}"), &alice, Some(json!({"text": "paid in full"}))).await;
     server.ok("DELETE", &format!("/api/v1/messages/{message_id}"), &alice, None).await;
 
-    let kinds = ["conversation.created", "message.created", "conversation.changed", "message.edited", "message.deleted"];
+    let kinds =
+        ["conversation.created", "message.created", "conversation.changed", "message.edited", "message.deleted"];
     let hits = eventually("five events of the conversation", async || {
         let hits: Vec<Hit> =
             receiver.accepted().into_iter().filter(|hit| hit.conversation_id() == conversation_id).collect();
@@ -382,7 +385,8 @@ async fn a_receiver_that_is_down_for_a_while_gets_everything_in_order_once_back(
     .await;
     assert_eq!(accepted.len(), 20, "no event beyond the 20: {:?}", accepted.iter().map(Hit::text).collect::<Vec<_>>());
     for (conversation, name) in [(&first, "first"), (&second, "second")] {
-        let delivered: Vec<&Hit> = accepted.iter().filter(|hit| hit.conversation_id() == conversation.as_str()).collect();
+        let delivered: Vec<&Hit> =
+            accepted.iter().filter(|hit| hit.conversation_id() == conversation.as_str()).collect();
         let texts: Vec<&str> = delivered.iter().map(|hit| hit.text()).collect();
         let expected: Vec<String> = (0..10).map(|index| format!("{name} {index}")).collect();
         assert_eq!(texts, expected, "conversation {name} out of order or incomplete");
@@ -589,19 +593,28 @@ async fn the_filter_on_event_kinds_and_conversations_is_honoured() {
     let second = group(&server, &application, "Second", &[&alice_id]).await;
     subscribe(&server, &application, &receiver.url("/edits"), &["message.edited"], &[]).await;
     subscribe(&server, &application, &receiver.url("/second"), &[], &[&second]).await;
-    subscribe(&server, &application, &receiver.url("/both"), &["message.created", "message.edited"], &[&second])
-        .await;
+    subscribe(&server, &application, &receiver.url("/both"), &["message.created", "message.edited"], &[&second]).await;
 
     let in_first = send(&server, &alice, &first, "first 1").await;
     send(&server, &alice, &second, "second 1").await;
     server
-        .ok("PATCH", &format!("/api/v1/messages/{}", in_first["id"].as_str().unwrap()), &alice, Some(json!({"text": "first 1 edited"})))
+        .ok(
+            "PATCH",
+            &format!("/api/v1/messages/{}", in_first["id"].as_str().unwrap()),
+            &alice,
+            Some(json!({"text": "first 1 edited"})),
+        )
         .await;
     send(&server, &alice, &first, "first 2").await;
     // The fence: the last event, wanted by all three subscriptions.
     let fence = send(&server, &alice, &second, "second 2").await;
     server
-        .ok("PATCH", &format!("/api/v1/messages/{}", fence["id"].as_str().unwrap()), &alice, Some(json!({"text": "fence"})))
+        .ok(
+            "PATCH",
+            &format!("/api/v1/messages/{}", fence["id"].as_str().unwrap()),
+            &alice,
+            Some(json!({"text": "fence"})),
+        )
         .await;
 
     eventually("the fence on every subscription", async || {
@@ -665,7 +678,9 @@ async fn an_application_never_receives_another_applications_events() {
 
     let a_hits = receiver.accepted_on("/a");
     assert_eq!(a_hits.iter().filter(|hit| hit.kind() == "message.created").count(), 4);
-    assert!(a_hits.iter().all(|hit| hit.json["applicationId"] == a.id.as_str() && hit.conversation_id() == a_conversation));
+    assert!(
+        a_hits.iter().all(|hit| hit.json["applicationId"] == a.id.as_str() && hit.conversation_id() == a_conversation)
+    );
     let b_hits = receiver.accepted_on("/b");
     assert!(!b_hits.is_empty());
     for hit in &b_hits {
@@ -693,8 +708,9 @@ async fn an_application_never_receives_another_applications_events() {
     assert_eq!(listed["subscriptions"].as_array().unwrap().len(), 2, "{listed}");
     // Nor retry or discard A's deliveries by id.
     let a_delivery = a_hits[0].delivery_id();
-    let retried =
-        server.ok("POST", "/api/v1/dead-letters/retry", &b.privileged(), Some(json!({"deliveryIds": [a_delivery]}))).await;
+    let retried = server
+        .ok("POST", "/api/v1/dead-letters/retry", &b.privileged(), Some(json!({"deliveryIds": [a_delivery]})))
+        .await;
     assert_eq!(int(&retried["affected"]), 0);
     // Subscriptions need privileged mode.
     let (status, _) = server.call("GET", "/api/v1/event-subscriptions", &a_auth, None).await;

@@ -1,0 +1,223 @@
+//! Inbound webhooks of integrations (§29.5.4): an external system POSTs
+//! `{"<command>": {params}}` to the integration's connection point URL
+//! (НавигационнаяСсылкаТочкиПодключения) and the server creates or changes
+//! users, conversations and messages on its behalf.
+//!
+//! The request is answered with one of the documented codes: 200 with a
+//! small JSON body naming the ids involved, 400 for a request that cannot be
+//! understood (the text names the field), 401 for a missing or wrong
+//! signature, 404 "No active integration", 409 for a create… of an existing
+//! object (and a replayed createMessage), 500 with the error text otherwise.
+//!
+//! Everything here acts through the routing service in privileged mode, so a
+//! webhook obeys every rule a 1C application obeys. The mappings from
+//! external ids to collaboration objects live in the store
+//! ([`beseda_store::BotStore`]); each create… first does its work through
+//! routing (idempotently) and then records the mapping, so a request that
+//! stopped half-way is completed by its retry instead of duplicated.
+//!
+//! Parsing, validation, HTML sanitising, the data mapping and signature
+//! checking are pure functions ([`parse`], [`sanitize_html`],
+//! [`message_data`], [`check_signature`]) and are tested without a server;
+//! docs/webhooks.md describes the contract for integrators.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+
+use base64::Engine;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use beseda_core::bots::{Integration, IntegrationConversation};
+use beseda_core::limits::{MAX_DATA_BYTES, MAX_KEY_CHARS, MAX_NAME_CHARS, MAX_PAGE_SIZE, MAX_TEXT_CHARS};
+use beseda_core::model::UserKind;
+use beseda_core::{Error, ErrorClass, ErrorCode};
+use beseda_proto::v1 as wire;
+use beseda_proto::v1::routing_server::Routing;
+use beseda_routing::Caller;
+use beseda_routing::status::from_status;
+use beseda_store::{Store, UserQuery};
+use futures_util::FutureExt;
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::BotsService;
+
+mod command;
+mod content;
+mod ids;
+mod session;
+mod signature;
+#[cfg(test)]
+mod tests;
+
+pub use command::*;
+pub use content::*;
+pub use ids::*;
+use session::Session;
+pub use signature::*;
+
+/// The one external system type this server implements (ТипВнешнейСистемы).
+pub const WEBHOOK: &str = "webhook";
+
+/// The header that carries the body's signature when the integration has a
+/// signing secret.
+pub const SIGNATURE_HEADER: &str = "X-Beseda-Signature";
+
+/// The text of every 404: the documented contract has no other.
+pub const NO_ACTIVE_INTEGRATION: &str = "No active integration";
+
+/// The commands, in the order of the 1C documentation's list.
+pub const COMMANDS: &[&str] =
+    &["createConversation", "createMessage", "createUser", "updateConversation", "updateMessage", "updateUser"];
+
+/// HTML elements kept in `text/html` texts; everything else is removed.
+pub const ALLOWED_ELEMENTS: &[&str] =
+    &["a", "b", "big", "font", "i", "li", "ol", "s", "small", "span", "strike", "strong", "u", "ul"];
+
+/// Properties kept in `style` attributes; everything else is removed.
+pub const ALLOWED_STYLE_PROPERTIES: &[&str] =
+    &["background-color", "color", "font-family", "font-size", "font-style", "font-weight", "text-decoration"];
+
+/// The MIME type of XDTO-serialized 1C values, whose data is JSON text.
+pub const XDTO_JSON: &str = "application/json+xdto";
+
+// ---- the external system types (ПолучитьТипыВнешнихСистем) -----------------
+
+/// GetExternalSystemTypes: only what this server implements.
+pub fn external_system_types() -> wire::ExternalSystemTypes {
+    wire::ExternalSystemTypes { types: vec![WEBHOOK.to_owned()] }
+}
+
+/// GetExternalSystemDescription (ПолучитьОписаниеВнешнейСистемы).
+pub fn describe(system_type: &str) -> beseda_core::Result<wire::ExternalSystemDescription> {
+    if system_type != WEBHOOK {
+        return Err(Error::new(
+            ErrorCode::ExternalSystemTypeUnsupported,
+            format!("external system type `{system_type}` is not supported; this server implements `{WEBHOOK}`"),
+        )
+        .with_field("externalSystemType"));
+    }
+    Ok(wire::ExternalSystemDescription {
+        external_system_type: WEBHOOK.to_owned(),
+        // A webhook needs no parameters: the connection point URL is its address.
+        parameters: Vec::new(),
+        message_editing_available: true,
+        videoconferences_available: false,
+        supported_button_actions: Vec::new(),
+    })
+}
+
+// ---- answers -----------------------------------------------------------------
+
+/// A request that is not answered with 200: the HTTP status and its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u16,
+    pub text: String,
+}
+
+impl Reject {
+    pub fn bad_request(text: impl Into<String>) -> Self {
+        Reject { status: 400, text: text.into() }
+    }
+
+    pub fn unauthorized(text: impl Into<String>) -> Self {
+        Reject { status: 401, text: text.into() }
+    }
+
+    pub fn not_found() -> Self {
+        Reject { status: 404, text: NO_ACTIVE_INTEGRATION.to_owned() }
+    }
+
+    pub fn conflict(text: impl Into<String>) -> Self {
+        Reject { status: 409, text: text.into() }
+    }
+
+    pub fn failed(text: impl Into<String>) -> Self {
+        Reject { status: 500, text: text.into() }
+    }
+}
+
+/// A domain error (from routing or the store) is a 500 with its
+/// `code: message` text.
+impl From<Error> for Reject {
+    fn from(error: Error) -> Self {
+        Reject::failed(error.to_string())
+    }
+}
+
+type Outcome<T> = std::result::Result<T, Reject>;
+
+// ---- receiving -------------------------------------------------------------------
+
+/// Handles one webhook request; never panics, whatever the input.
+pub async fn receive(service: &BotsService, request: wire::WebhookRequest) -> wire::WebhookResponse {
+    let outcome = AssertUnwindSafe(handle(service, request)).catch_unwind().await;
+    let (status, text) = match outcome {
+        Ok(Ok(body)) => (200, body),
+        Ok(Err(reject)) => (reject.status, reject.text),
+        Err(_) => {
+            tracing::error!("a webhook request panicked");
+            (500, "internal: the request could not be processed".to_owned())
+        }
+    };
+    metrics::counter!("beseda_webhook_requests_total", "status" => status.to_string()).increment(1);
+    wire::WebhookResponse { status: u32::from(status), text }
+}
+
+async fn handle(service: &BotsService, request: wire::WebhookRequest) -> Outcome<String> {
+    let token = request.token.trim();
+    if token.is_empty() || token.len() > 512 {
+        return Err(Reject::not_found());
+    }
+    // Nothing about the server's internals is told before the caller is known.
+    let found = service.store.find_integration_by_token(token).await.map_err(|error| {
+        tracing::warn!(%error, "webhook: cannot look up the integration");
+        Reject::failed("unavailable: the integration could not be looked up; retry later")
+    })?;
+    let Some((application_id, integration)) =
+        found.filter(|(_, integration)| integration.enabled && integration.system_type == WEBHOOK)
+    else {
+        return Err(Reject::not_found());
+    };
+    check_signature(integration.signing_secret.as_deref(), &request.body, &request.signature)?;
+    let command = parse(&request.body)?;
+    let name = command.name();
+    let session = Session { service, application_id, integration };
+    match session.execute(command).await {
+        Ok(body) => Ok(body.to_string()),
+        Err(reject) => {
+            if reject.status == 500 {
+                tracing::warn!(
+                    application_id = %session.application_id,
+                    integration_id = %session.integration.id,
+                    command = name,
+                    error = %reject.text,
+                    "webhook command failed"
+                );
+            }
+            Err(reject)
+        }
+    }
+}
+
+/// A conversation a request addresses.
+struct Target {
+    conversation_id: String,
+    /// Created by this integration (createConversation), not by the application.
+    created_here: bool,
+    anonymous: bool,
+}
+
+fn routed<T>(result: std::result::Result<tonic::Response<T>, tonic::Status>) -> beseda_core::Result<T> {
+    result.map(tonic::Response::into_inner).map_err(|status| from_status(&status))
+}
+
+fn conversation_ref(conversation_id: &str) -> Option<wire::ConversationRef> {
+    Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())) })
+}
+
+fn is_already_exists(error: &Error) -> bool {
+    error.code.class() == ErrorClass::AlreadyExists
+}
