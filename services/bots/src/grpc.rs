@@ -169,7 +169,7 @@ impl BotsService {
         }
     }
 
-    fn validate_subscription(subscription: &EventSubscription) -> Result<()> {
+    fn validate_subscription(&self, subscription: &EventSubscription) -> Result<()> {
         if subscription.url.is_empty() {
             return Err(Error::field_required("subscription.url"));
         }
@@ -180,6 +180,17 @@ impl BotsService {
             .map_err(|error| Error::invalid("subscription.url", format!("not a URL ({error})")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(Error::invalid("subscription.url", "an http:// or https:// URL with a host"));
+        }
+        if !self.config.allow_private_targets
+            && let Some(reason) = crate::targets::refuse_host(&url)
+        {
+            return Err(Error::invalid(
+                "subscription.url",
+                format!(
+                    "{reason}; this server POSTs events to public addresses only (its operator can allow private ones \
+                     with bots.outbound_allow_private_addresses)"
+                ),
+            ));
         }
         if let Some(kind) = subscription.event_kinds.iter().find(|kind| !EVENT_KINDS.contains(&kind.as_str())) {
             return Err(Error::invalid(
@@ -481,7 +492,7 @@ impl Bots for BotsService {
                 created_at: now_micros(),
             };
             Self::subscription_fields(&mut subscription, source, &[]);
-            Self::validate_subscription(&subscription)?;
+            self.validate_subscription(&subscription)?;
             self.store.insert_subscription(&caller.application_id, &subscription).await?;
             Ok(subscription_to_wire(&subscription))
         };
@@ -514,7 +525,7 @@ impl Bots for BotsService {
             check_mask(&request.update_mask, &["url", "secret", "eventKinds", "conversationIds", "enabled"])?;
             let mut subscription = self.existing_subscription(&caller.application_id, &request.subscription_id).await?;
             Self::subscription_fields(&mut subscription, source, &request.update_mask);
-            Self::validate_subscription(&subscription)?;
+            self.validate_subscription(&subscription)?;
             self.store.update_subscription(&caller.application_id, &subscription).await?;
             self.outbound_wakeup.notify_one();
             Ok(subscription_to_wire(&subscription))

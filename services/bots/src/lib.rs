@@ -26,6 +26,7 @@ pub mod outbound;
 pub mod policy;
 pub mod processing;
 pub mod relay;
+pub mod targets;
 pub mod webhook;
 
 pub use processing::ProcessingConnector;
@@ -55,6 +56,9 @@ pub struct BotsConfig {
     pub outbound_timeout: Duration,
     /// Public base URL of the server, for connection point URLs.
     pub public_url: String,
+    /// Whether event subscriptions may POST to loopback, private and
+    /// link-local addresses (see [`targets`]).
+    pub allow_private_targets: bool,
 }
 
 impl Default for BotsConfig {
@@ -69,6 +73,7 @@ impl Default for BotsConfig {
             poll_interval: Duration::from_secs(1),
             outbound_timeout: Duration::from_secs(10),
             public_url: "http://127.0.0.1:8080".into(),
+            allow_private_targets: false,
         }
     }
 }

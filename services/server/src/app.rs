@@ -29,6 +29,9 @@ pub struct Node {
     pub mailer: Arc<dyn Mailer>,
     pub router: axum::Router,
     pub shutdown_sender: tokio::sync::watch::Sender<bool>,
+    /// The bots relay and outbound dispatcher; they stop when the shutdown
+    /// signal flips and hand back what they had in flight.
+    pub background: tokio::task::JoinHandle<()>,
 }
 
 async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, String)> {
@@ -78,9 +81,9 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     let outbox_signal = routing.outbox_signal();
     let routing: Arc<dyn beseda_proto::v1::routing_server::Routing> = Arc::new(routing);
     let bots = BotsService::new(store.clone(), routing.clone(), outbox_signal, config.bots_config());
-    let background = bots.clone();
+    let background_service = bots.clone();
     let background_shutdown = shutdown.clone();
-    tokio::spawn(async move { background.run_background(background_shutdown).await });
+    let background = tokio::spawn(async move { background_service.run_background(background_shutdown).await });
     let gateway = Gateway {
         routing,
         bots: Arc::new(bots.clone()),
@@ -92,7 +95,7 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     };
     let health_state = HealthState { store: store.clone(), registry, store_description: store_description.clone() };
     let router = beseda_sessions::router(gateway).merge(health::router(health_state));
-    Ok(Node { store, store_description, mailer, router, shutdown_sender })
+    Ok(Node { store, store_description, mailer, router, shutdown_sender, background })
 }
 
 /// Serves until `shutdown` resolves; then tells WebSocket clients to
@@ -108,6 +111,7 @@ pub async fn run(
     tracing::info!(%address, store = %node.store_description, mail = %node.mailer.describe(), "beseda is serving");
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let shutdown_sender = node.shutdown_sender;
+    let background = node.background;
     let (drained_sender, drained) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, node.router).with_graceful_shutdown(async move {
         shutdown.await;
@@ -121,11 +125,18 @@ pub async fn run(
         joined = &mut serving => return joined.context("server task failed")?.context("server failed"),
         _ = drained => {}
     }
-    match tokio::time::timeout(grace, serving).await {
+    let deadline = tokio::time::Instant::now() + grace;
+    let served = match tokio::time::timeout_at(deadline, serving).await {
         Ok(joined) => joined.context("server task failed")?.context("server failed"),
         Err(_) => {
             tracing::warn!(grace_seconds = grace.as_secs(), "connections did not drain in time; closing");
             Ok(())
         }
+    };
+    // The relay and the outbound dispatcher release what they hold, so the
+    // next start (or another node) delivers it at once.
+    if tokio::time::timeout_at(deadline, background).await.is_err() {
+        tracing::warn!("the bots background tasks did not stop in time; their deliveries return after the claim timeout");
     }
+    served
 }

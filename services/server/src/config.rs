@@ -119,6 +119,9 @@ pub struct BotsSection {
     pub poll_interval_milliseconds: u64,
     /// Timeout of one outbound event POST.
     pub outbound_timeout_seconds: u64,
+    /// Let event subscriptions POST to loopback, private and link-local
+    /// addresses. Off by default: tenants must not reach the operator's network.
+    pub outbound_allow_private_addresses: bool,
 }
 
 impl Default for BotsSection {
@@ -132,6 +135,7 @@ impl Default for BotsSection {
             max_in_flight: 64,
             poll_interval_milliseconds: 1_000,
             outbound_timeout_seconds: 10,
+            outbound_allow_private_addresses: false,
         }
     }
 }
@@ -218,6 +222,9 @@ impl NodeConfig {
                 "BOTS_MAX_IN_FLIGHT" => config.bots.max_in_flight = parse_env(name, value)?,
                 "BOTS_POLL_INTERVAL_MILLISECONDS" => config.bots.poll_interval_milliseconds = parse_env(name, value)?,
                 "BOTS_OUTBOUND_TIMEOUT_SECONDS" => config.bots.outbound_timeout_seconds = parse_env(name, value)?,
+                "BOTS_OUTBOUND_ALLOW_PRIVATE_ADDRESSES" => {
+                    config.bots.outbound_allow_private_addresses = parse_env(name, value)?
+                }
                 "LOG_FORMAT" => config.log.format = value.clone(),
                 "LOG" => config.log.filter = value.clone(),
                 // Variables of other tools (tests, CI) share the prefix.
@@ -283,6 +290,7 @@ impl NodeConfig {
             poll_interval: Duration::from_millis(bots.poll_interval_milliseconds),
             outbound_timeout: Duration::from_secs(bots.outbound_timeout_seconds),
             public_url: self.public_url(),
+            allow_private_targets: bots.outbound_allow_private_addresses,
         }
     }
 

@@ -716,3 +716,33 @@ async fn an_application_never_receives_another_applications_events() {
     let (status, _) = server.call("GET", "/api/v1/event-subscriptions", &a_auth, None).await;
     assert_ne!(status, 200);
 }
+
+#[tokio::test]
+async fn by_default_the_server_refuses_to_post_into_private_networks() {
+    let server = TestServer::start_configured(tempfile::tempdir().unwrap(), None, |config| {
+        config.bots.outbound_allow_private_addresses = false;
+    })
+    .await;
+    let application = server.register("owner@example.com", "Shop").await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/hook",
+        "http://[::1]/hook",
+        "http://localhost:8080/hook",
+    ] {
+        let error = server
+            .fails(
+                "POST",
+                "/api/v1/event-subscriptions",
+                &application.privileged(),
+                Some(json!({"subscription": {"url": url}})),
+                "invalid_value",
+            )
+            .await;
+        assert_eq!(error["field"], "subscription.url", "{url}: {error}");
+        assert!(error["message"].as_str().unwrap().contains("bots.outbound_allow_private_addresses"), "{error}");
+    }
+    let subscriptions = server.ok("GET", "/api/v1/event-subscriptions", &application.privileged(), None).await;
+    assert!(subscriptions["subscriptions"].as_array().is_none_or(|list| list.is_empty()), "{subscriptions}");
+}

@@ -62,6 +62,8 @@ impl TestServer {
         }
         config.server.data_dir = data_dir.path().to_owned();
         config.server.shutdown_grace_seconds = 2;
+        // Test receivers of outbound events listen on loopback.
+        config.bots.outbound_allow_private_addresses = true;
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().unwrap();
