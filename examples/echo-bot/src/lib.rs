@@ -51,7 +51,8 @@ pub async fn run(settings: Settings, stop: impl std::future::Future<Output = ()>
     let ws_url = format!("{}/bots/v1/processing", settings.server_url.replacen("http", "ws", 1));
     let mut request = ws_url.as_str().into_client_request()?;
     request.headers_mut().insert("authorization", authorization(&settings).parse()?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.context("cannot open the processing connection")?;
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(request).await.context("cannot open the processing connection")?;
     let execute = json!({"execute": {"predefinedBots": [{"botType": "EchoBot", "name": "Echo Bot"}]}});
     socket.send(Message::Text(execute.to_string().into())).await?;
     let http = reqwest::Client::new();

@@ -167,6 +167,7 @@ impl BotsService {
             sender: sender.clone(),
             bots: HashMap::new(),
             in_flight: HashMap::new(),
+            retries: Vec::new(),
             lease_until: tokio::time::Instant::now(),
         };
         let result = connection.run(execute, &mut inbound, &wake, &superseded).await;
@@ -246,6 +247,10 @@ struct Connection {
     bots: HashMap<String, Bot>,
     /// Delivery id → (attempt number handed out, when its claim lapses).
     in_flight: HashMap<i64, (u32, tokio::time::Instant)>,
+    /// When failed events are due again: the store's earliest due time is
+    /// usually in the past while a conversation waits behind an event in
+    /// flight, so it cannot say when a retry comes.
+    retries: Vec<Micros>,
     lease_until: tokio::time::Instant,
 }
 
@@ -362,6 +367,9 @@ impl Connection {
                     i64::try_from(backoff::delay(config.initial_backoff, config.max_backoff, attempts).as_micros())
                         .unwrap_or(i64::MAX),
                 );
+                if !dead {
+                    self.retries.push(retry_at);
+                }
                 let error: String = nack.error.chars().take(2000).collect();
                 match self.service.store.fail(self.application_id(), nack.delivery_id, &error, retry_at, dead).await {
                     Ok(()) => {}
@@ -426,15 +434,19 @@ impl Connection {
     }
 
     /// How long to sleep when nothing wakes the connection: until the next
-    /// retry or the poll interval, whichever is first.
-    async fn next_wait(&self) -> Result<Duration> {
+    /// retry or the poll interval, whichever is first. Called right after a
+    /// claim, so whatever is due already is waiting behind an unacknowledged
+    /// event of its conversation (or the in-flight limit): the answer to
+    /// that event wakes the loop, not the clock.
+    async fn next_wait(&mut self) -> Result<Duration> {
         let poll = self.service.config.poll_interval;
-        let next = self.service.store.next_due(self.application_id(), ConsumerKind::Bot).await?;
-        Ok(match next {
-            Some(due) => {
-                let micros = u64::try_from(due.saturating_sub(now_micros())).unwrap_or(0);
-                Duration::from_micros(micros).clamp(Duration::from_millis(5), poll)
-            }
+        let now = now_micros();
+        self.retries.retain(|retry_at| *retry_at > now);
+        let stored = self.service.store.next_due(self.application_id(), ConsumerKind::Bot).await?;
+        let earliest = self.retries.iter().copied().chain(stored.filter(|due| *due > now)).min();
+        Ok(match earliest {
+            Some(due) => Duration::from_micros(u64::try_from(due - now).unwrap_or(u64::MAX))
+                .clamp(Duration::from_millis(1), poll),
             None => poll,
         })
     }

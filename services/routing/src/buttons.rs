@@ -23,11 +23,9 @@ pub enum Pressed {
 
 impl RoutingService {
     pub async fn press_button(&self, caller: &Caller, message_id: &str, row: u32, column: u32) -> Result<Pressed> {
-        let message = self
-            .store
-            .get_message(&caller.application_id, message_id)
-            .await?
-            .ok_or_else(|| crate::not_found(ErrorCode::MessageNotFound, "message", message_id).with_field("messageId"))?;
+        let message = self.store.get_message(&caller.application_id, message_id).await?.ok_or_else(|| {
+            crate::not_found(ErrorCode::MessageNotFound, "message", message_id).with_field("messageId")
+        })?;
         let selector = ConversationSelector::Id(message.conversation_id.clone());
         let (_, acting) = self.accessible_conversation_and_user(caller, &selector).await?;
         let presser = acting.ok_or_else(|| {
@@ -44,19 +42,23 @@ impl RoutingService {
             .and_then(|buttons| buttons.get(column as usize))
             .cloned()
             .ok_or_else(|| {
-                Error::invalid("row", format!("the message has no button at row {row}, column {column} (both count from 0)"))
+                Error::invalid(
+                    "row",
+                    format!("the message has no button at row {row}, column {column} (both count from 0)"),
+                )
             })?;
         if !button.enabled {
             return Err(Error::new(ErrorCode::ButtonDisabled, format!("button \"{}\" is disabled", button.text)));
         }
         match button.action {
             ButtonAction::ProcessByBot => {
-                let bot = self.store.get_bot_by_user(&caller.application_id, &message.author_id).await?.ok_or_else(|| {
-                    Error::new(
-                        ErrorCode::ButtonNotServerSide,
-                        "the message was not written by a bot of this application, so no bot can process the press",
-                    )
-                })?;
+                let bot =
+                    self.store.get_bot_by_user(&caller.application_id, &message.author_id).await?.ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::ButtonNotServerSide,
+                            "the message was not written by a bot of this application, so no bot can process the press",
+                        )
+                    })?;
                 let event = ApplicationEvent {
                     conversation_id: message.conversation_id.clone(),
                     seq: message.seq,
@@ -75,9 +77,11 @@ impl RoutingService {
                 Ok(Pressed::QueuedForBot)
             }
             ButtonAction::SendMessage | ButtonAction::SendMessageWithData => {
-                let text = if button.message_text.is_empty() { button.text.clone() } else { button.message_text.clone() };
-                let data = (button.action == ButtonAction::SendMessageWithData && !button.data.is_empty())
-                    .then(|| MessageData { mime_type: "application/json".into(), content: button.data.clone().into_bytes() });
+                let text =
+                    if button.message_text.is_empty() { button.text.clone() } else { button.message_text.clone() };
+                let data = (button.action == ButtonAction::SendMessageWithData && !button.data.is_empty()).then(|| {
+                    MessageData { mime_type: "application/json".into(), content: button.data.clone().into_bytes() }
+                });
                 let outgoing = OutgoingMessage {
                     text,
                     text_format: TextFormat::Plain,

@@ -136,7 +136,9 @@ pub async fn run(
     // The relay and the outbound dispatcher release what they hold, so the
     // next start (or another node) delivers it at once.
     if tokio::time::timeout_at(deadline, background).await.is_err() {
-        tracing::warn!("the bots background tasks did not stop in time; their deliveries return after the claim timeout");
+        tracing::warn!(
+            "the bots background tasks did not stop in time; their deliveries return after the claim timeout"
+        );
     }
     served
 }

@@ -118,8 +118,7 @@ async fn a_bot_in_a_group_hears_only_what_it_should() {
     let helper = create_bot(&server, &application, &helper_user, "HelperBot").await;
     create_bot(&server, &application, &other_user, "OtherBot").await;
     let mut processing = Processing::connect(&server, &application, json!([])).await;
-    let group =
-        common::group(&server, &application, "Team", &[&alice_id, &bob_id, &helper_user, &other_user]).await;
+    let group = common::group(&server, &application, "Team", &[&alice_id, &bob_id, &helper_user, &other_user]).await;
     let created = processing.next_event().await;
     assert_eq!(created["kind"], "BOT_EVENT_KIND_CONVERSATION_CREATED");
     processing.ack(&created).await;
@@ -137,8 +136,13 @@ async fn a_bot_in_a_group_hears_only_what_it_should() {
         .await;
     send(&server, &alice, &group, json!({"text": "1 not addressed"})).await;
     send(&server, &alice, &group, json!({"text": "2 addressed", "recipientIds": [helper_user]})).await;
-    send(&server, &application.acting_as(&other_user), &group, json!({"text": "3 from a bot", "recipientIds": [helper_user]}))
-        .await;
+    send(
+        &server,
+        &application.acting_as(&other_user),
+        &group,
+        json!({"text": "3 from a bot", "recipientIds": [helper_user]}),
+    )
+    .await;
     send(&server, &application.acting_as(&helper_user), &group, json!({"text": "4 its own"})).await;
     let event = processing.next_message_event().await;
     assert_eq!(event["message"]["text"], "2 addressed");
@@ -160,7 +164,10 @@ async fn a_bot_in_a_group_hears_only_what_it_should() {
     for _ in 0..2 {
         // OtherBot watches by default and hears "5" too; "1" went to it before.
         let event = processing.next_message_event().await;
-        texts.push((event["bot"]["botType"].as_str().unwrap().to_owned(), event["message"]["text"].as_str().unwrap().to_owned()));
+        texts.push((
+            event["bot"]["botType"].as_str().unwrap().to_owned(),
+            event["message"]["text"].as_str().unwrap().to_owned(),
+        ));
         processing.ack(&event).await;
     }
     texts.sort();
@@ -169,10 +176,16 @@ async fn a_bot_in_a_group_hears_only_what_it_should() {
         vec![("HelperBot".to_owned(), "5 watched".to_owned()), ("OtherBot".to_owned(), "1 not addressed".to_owned())]
     );
     let event = processing.next_message_event().await;
-    assert_eq!((event["bot"]["botType"].as_str(), event["message"]["text"].as_str()), (Some("OtherBot"), Some("2 addressed")));
+    assert_eq!(
+        (event["bot"]["botType"].as_str(), event["message"]["text"].as_str()),
+        (Some("OtherBot"), Some("2 addressed"))
+    );
     processing.ack(&event).await;
     let event = processing.next_message_event().await;
-    assert_eq!((event["bot"]["botType"].as_str(), event["message"]["text"].as_str()), (Some("OtherBot"), Some("5 watched")));
+    assert_eq!(
+        (event["bot"]["botType"].as_str(), event["message"]["text"].as_str()),
+        (Some("OtherBot"), Some("5 watched"))
+    );
     processing.ack(&event).await;
     processing.expect_no_event(Duration::from_millis(300)).await;
     // Removed from the conversation: told so.
@@ -274,7 +287,10 @@ async fn a_poison_event_becomes_a_dead_letter_while_other_conversations_flow() {
     assert_eq!((again["message"]["text"].as_str(), again["attempt"].as_u64()), (Some("poison"), Some(1)));
     processing.ack(&again).await;
     let discarded = server.ok("POST", "/api/v1/dead-letters/discard", &application.privileged(), Some(ids)).await;
-    assert!(discarded.get("affected").is_none_or(|affected| affected == "0"), "an acknowledged event is no dead letter: {discarded}");
+    assert!(
+        discarded.get("affected").is_none_or(|affected| affected == "0"),
+        "an acknowledged event is no dead letter: {discarded}"
+    );
     // Another application sees none of it.
     let other = server.register("other@example.com", "Other").await;
     let foreign = server.ok("POST", "/api/v1/dead-letters/search", &other.privileged(), Some(json!({}))).await;
@@ -296,7 +312,11 @@ async fn two_bots_share_one_connection_and_a_newer_connection_takes_over() {
     let mut seen = Vec::new();
     for _ in 0..2 {
         let event = processing.next_message_event().await;
-        seen.push(format!("{}:{}", event["bot"]["botType"].as_str().unwrap(), event["message"]["text"].as_str().unwrap()));
+        seen.push(format!(
+            "{}:{}",
+            event["bot"]["botType"].as_str().unwrap(),
+            event["message"]["text"].as_str().unwrap()
+        ));
         processing.ack(&event).await;
     }
     seen.sort();
@@ -348,9 +368,7 @@ async fn buttons_reach_the_bot_that_wrote_them_and_disabled_ones_cannot_be_press
     let mut processing = Processing::connect(&server, &application, json!([{"botType": "Orders"}])).await;
     let bot_user_id = processing.bot_user("Orders");
     let conversation = one_on_one(&server, &application, &alice_id, &bot_user_id).await;
-    let button = |text: &str, action: &str, enabled: bool| {
-        json!({"kind": "BUTTON_KIND_BUTTON", "text": text, "messageText": format!("I chose {text}"), "data": "{\"order\":7}", "action": action, "enabled": enabled})
-    };
+    let button = |text: &str, action: &str, enabled: bool| json!({"kind": "BUTTON_KIND_BUTTON", "text": text, "messageText": format!("I chose {text}"), "data": "{\"order\":7}", "action": action, "enabled": enabled});
     let question = send(
         &server,
         &application.acting_as(&bot_user_id),
@@ -420,22 +438,56 @@ async fn bot_objects_follow_the_rules_of_standard_798() {
     let privileged = application.privileged();
     // A user paired with an infobase user cannot be a bot's user.
     let error = server
-        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": alice_id, "botType": "X"}})), "bot_user_paired")
+        .fails(
+            "POST",
+            "/api/v1/bots",
+            &privileged,
+            Some(json!({"bot": {"userId": alice_id, "botType": "X"}})),
+            "bot_user_paired",
+        )
         .await;
     assert_eq!(error["field"], "bot.userId");
     let bot = create_bot(&server, &application, &helper_user, "Helper").await;
     // Two instances on one user: refused, not silently last-one-wins.
     server
-        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user, "botType": "Helper"}})), "bot_user_taken")
+        .fails(
+            "POST",
+            "/api/v1/bots",
+            &privileged,
+            Some(json!({"bot": {"userId": helper_user, "botType": "Helper"}})),
+            "bot_user_taken",
+        )
         .await;
     server
-        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user, "botType": "Other"}})), "bot_user_taken")
+        .fails(
+            "POST",
+            "/api/v1/bots",
+            &privileged,
+            Some(json!({"bot": {"userId": helper_user, "botType": "Other"}})),
+            "bot_user_taken",
+        )
         .await;
     server
-        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user, "botType": "Y", "predefined": true}})), "predefined_bot")
+        .fails(
+            "POST",
+            "/api/v1/bots",
+            &privileged,
+            Some(json!({"bot": {"userId": helper_user, "botType": "Y", "predefined": true}})),
+            "predefined_bot",
+        )
         .await;
-    server.fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user}})), "field_required").await;
-    server.fails("POST", "/api/v1/bots", &alice, Some(json!({"bot": {"userId": helper_user, "botType": "Z"}})), "privileged_mode_required").await;
+    server
+        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user}})), "field_required")
+        .await;
+    server
+        .fails(
+            "POST",
+            "/api/v1/bots",
+            &alice,
+            Some(json!({"bot": {"userId": helper_user, "botType": "Z"}})),
+            "privileged_mode_required",
+        )
+        .await;
     let bot_id = bot["id"].as_str().unwrap();
     let updated = server
         .ok(
@@ -449,7 +501,15 @@ async fn bot_objects_follow_the_rules_of_standard_798() {
     // Predefined bots are created by the processing call and stay.
     let processing = Processing::connect(&server, &application, json!([{"botType": "Fixed"}])).await;
     let fixed = processing.bots.iter().find(|bot| bot["botType"] == "Fixed").unwrap().clone();
-    server.fails("DELETE", &format!("/api/v1/bots/{}", fixed["id"].as_str().unwrap()), &privileged, None, "predefined_bot").await;
+    server
+        .fails(
+            "DELETE",
+            &format!("/api/v1/bots/{}", fixed["id"].as_str().unwrap()),
+            &privileged,
+            None,
+            "predefined_bot",
+        )
+        .await;
     // Another application cannot see or delete them.
     let other = server.register("other@example.com", "Other").await;
     server.fails("GET", &format!("/api/v1/bots/{bot_id}"), &other.privileged(), None, "bot_not_found").await;

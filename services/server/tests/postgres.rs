@@ -67,3 +67,63 @@ async fn chat_resume_and_restart_work_on_postgresql() {
     server.stop().await;
     beseda_store::postgres::PostgresStore::drop_schema(&url, &schema).await.unwrap();
 }
+
+#[tokio::test]
+async fn bot_events_survive_a_restart_and_webhooks_work_on_postgresql() {
+    let Some(url) = postgres_url() else { return };
+    let schema = fresh_schema();
+    let server = TestServer::start_on_postgres(&url, &schema).await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
+    let mut processing = processing::Processing::connect(&server, &application, json!([{"botType": "Echo"}])).await;
+    let bot_user = processing.bot_user("Echo");
+    let created = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &application.privileged(),
+            Some(json!({"conversation": {"group": false, "memberIds": [alice_id, bot_user]}})),
+        )
+        .await;
+    let path = format!("/api/v1/conversations/{}/messages", created["id"].as_str().unwrap());
+    server.ok("POST", &path, &alice, Some(json!({"text": "first"}))).await;
+    let first = processing.next_message_event().await;
+    assert_eq!(first["message"]["text"], "first");
+    processing.ack(&first).await;
+    // Handed out but never acknowledged when the node stops.
+    server.ok("POST", &path, &alice, Some(json!({"text": "second"}))).await;
+    let second = processing.next_message_event().await;
+    processing.kill();
+    server.stop().await;
+
+    let server = TestServer::start_on_postgres(&url, &schema).await;
+    let mut processing = processing::Processing::connect(&server, &application, json!([{"botType": "Echo"}])).await;
+    let again = processing.next_message_event().await;
+    assert_eq!(again["deliveryId"], second["deliveryId"]);
+    assert_eq!(again["message"]["text"], "second");
+    processing.ack(&again).await;
+    processing.expect_no_event(std::time::Duration::from_millis(300)).await;
+
+    // A webhook command, replayed: stored once.
+    let integration = server
+        .ok(
+            "POST",
+            "/api/v1/integrations",
+            &application.privileged(),
+            Some(json!({"integration": {"externalSystemType": "webhook", "key": "crm", "use": true, "presentation": "CRM", "memberIds": [alice_id]}})),
+        )
+        .await;
+    let hook = integration["connectionPointUrl"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| http.post(&hook).json(&body).send();
+    assert_eq!(
+        post(json!({"createConversation": {"extConversationId": "c1", "title": "Lead"}})).await.unwrap().status(),
+        200
+    );
+    let message = json!({"createMessage": {"extId": "m1", "extConversationId": "c1", "text": "hello"}});
+    assert_eq!(post(message.clone()).await.unwrap().status(), 200);
+    assert_eq!(post(message).await.unwrap().status(), 409);
+
+    server.stop().await;
+    beseda_store::postgres::PostgresStore::drop_schema(&url, &schema).await.unwrap();
+}

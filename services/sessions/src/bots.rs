@@ -128,8 +128,7 @@ async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let signature =
-        headers.get(SIGNATURE_HEADER).and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
     let request = wire::WebhookRequest { token, body: body.to_vec(), signature };
     let answer = match gateway.bots.receive_webhook(tonic::Request::new(request)).await {
         Ok(answer) => answer.into_inner(),

@@ -44,10 +44,9 @@ fn map_schema(message: &DescriptorProto, field: &prost_types::FieldDescriptorPro
         return None;
     }
     let entry_name = field.type_name().rsplit('.').next()?;
-    let entry = message
-        .nested_type
-        .iter()
-        .find(|nested| nested.name() == entry_name && nested.options.as_ref().is_some_and(|options| options.map_entry()))?;
+    let entry = message.nested_type.iter().find(|nested| {
+        nested.name() == entry_name && nested.options.as_ref().is_some_and(|options| options.map_entry())
+    })?;
     let value = entry.field.iter().find(|entry_field| entry_field.number() == 2)?;
     Some(json!({"type": "object", "additionalProperties": field_schema(value)}))
 }
