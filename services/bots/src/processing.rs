@@ -24,7 +24,7 @@ use beseda_routing::Caller;
 use beseda_routing::convert::{button_to_wire, conversation_to_wire, message_to_wire, timestamp};
 use beseda_store::bots::Claim;
 use dashmap::DashMap;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::convert::bot_to_wire;
@@ -37,6 +37,8 @@ pub type ServerFrames = Pin<Box<dyn Stream<Item = wire::ProcessingServerFrame> +
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames buffered towards one connection.
 const OUTBOUND_FRAMES: usize = 256;
+/// Client frames handled together at most.
+const FRAMES_PER_ROUND: usize = 256;
 
 /// The live processing connection of each application.
 pub struct ProcessingHub {
@@ -290,11 +292,24 @@ impl Connection {
             tokio::select! {
                 frame = inbound.next() => {
                     let Some(frame) = frame else { return Ok(()) };
-                    let step = match frame {
-                        Ok(frame) => self.handle(frame).await?,
-                        Err(error) => self.send(error_frame(&error)).await,
-                    };
-                    if let Step::Close = step {
+                    // Whatever else has arrived is handled with it, so that a
+                    // burst of acknowledgements costs one transaction.
+                    let mut frames = vec![frame];
+                    let mut ended = false;
+                    while frames.len() < FRAMES_PER_ROUND {
+                        match inbound.next().now_or_never() {
+                            Some(Some(frame)) => frames.push(frame),
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if let Step::Close = self.handle_all(frames).await? {
+                        return Ok(());
+                    }
+                    if ended {
                         return Ok(());
                     }
                 }
@@ -339,26 +354,49 @@ impl Connection {
         Ok(self.send(frame).await)
     }
 
+    /// Handles frames in their order, except that acknowledgements are
+    /// written together at the end.
+    async fn handle_all(&mut self, frames: Vec<Result<wire::ProcessingClientFrame>>) -> Result<Step> {
+        use wire::processing_client_frame::Frame;
+        let mut acknowledged = Vec::new();
+        for frame in frames {
+            let step = match frame {
+                Ok(wire::ProcessingClientFrame { frame: Some(Frame::Ack(ack)) }) => {
+                    self.in_flight.remove(&ack.delivery_id);
+                    acknowledged.push(ack.delivery_id);
+                    Step::Continue
+                }
+                Ok(frame) => self.handle(frame).await?,
+                Err(error) => self.send(error_frame(&error)).await,
+            };
+            if let Step::Close = step {
+                return Ok(Step::Close);
+            }
+        }
+        if acknowledged.is_empty() {
+            return Ok(Step::Continue);
+        }
+        let removed = self.service.store.acknowledge_many(self.application_id(), &acknowledged).await?;
+        metrics::counter!("beseda_bot_events_total", "outcome" => "ok").increment(removed.len() as u64);
+        for delivery_id in acknowledged.into_iter().filter(|id| !removed.contains(id)) {
+            let error = Error::new(
+                ErrorCode::DeliveryNotFound,
+                format!("delivery {delivery_id} is not pending: acknowledged before, or never handed out"),
+            );
+            if let Step::Close = self.send(error_frame(&error)).await {
+                return Ok(Step::Close);
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    /// One frame other than an acknowledgement.
     async fn handle(&mut self, frame: wire::ProcessingClientFrame) -> Result<Step> {
         use wire::processing_client_frame::Frame;
         match frame.frame {
             Some(Frame::Execute(execute)) => self.execute(&execute).await,
-            Some(Frame::Ack(ack)) => {
-                self.in_flight.remove(&ack.delivery_id);
-                if self.service.store.acknowledge(self.application_id(), ack.delivery_id).await? {
-                    metrics::counter!("beseda_bot_events_total", "outcome" => "ok").increment(1);
-                    Ok(Step::Continue)
-                } else {
-                    let error = Error::new(
-                        ErrorCode::DeliveryNotFound,
-                        format!(
-                            "delivery {} is not pending: acknowledged before, or never handed out",
-                            ack.delivery_id
-                        ),
-                    );
-                    Ok(self.send(error_frame(&error)).await)
-                }
-            }
+            // Batched by `handle_all`, which never passes one here.
+            Some(Frame::Ack(_)) => Ok(Step::Continue),
             Some(Frame::Nack(nack)) => {
                 let attempts = self.in_flight.remove(&nack.delivery_id).map_or(1, |(attempts, _)| attempts);
                 let config = &self.service.config;

@@ -6,8 +6,8 @@
 //! BESEDA_BENCH_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo bench -p beseda --bench bots
 //! ```
 //!
-//! - Bot event latency: a person sends messages to a bot in a one-on-one
-//!   through the REST API, open-loop at a fixed rate; the application's
+//! - Bot event latency: 50 people send messages to a bot, each in a
+//!   one-on-one, through the REST API, open-loop at fixed rates; the application's
 //!   processing connection acknowledges each event. Latency is the
 //!   message's server timestamp (taken just before its transaction) to the
 //!   moment the application read the event from its socket.
@@ -24,8 +24,10 @@ use common::processing::Processing;
 use common::{TestServer, user};
 use serde_json::json;
 
-const RATE_PER_SECOND: u64 = 200;
-const MESSAGES: u64 = 2_000;
+/// Offered loads of the latency run, messages per second.
+const RATES_PER_SECOND: [u64; 4] = [100, 200, 400, 800];
+const SECONDS: u64 = 10;
+const PEOPLE: usize = 50;
 const WEBHOOK_COMMANDS: usize = 5_000;
 const WEBHOOK_SENDERS: usize = 32;
 
@@ -48,7 +50,8 @@ async fn main() {
     let server = TestServer::start_configured(
         tempfile::tempdir().unwrap(),
         postgres.clone().map(|url| (url, schema.clone())),
-        |_| {},
+        // The default pool, not the tests' small one.
+        |config| config.store.pool_size = 16,
     )
     .await;
     let store = if postgres.is_some() { "PostgreSQL" } else { "embedded SQLite" };
@@ -59,66 +62,81 @@ async fn main() {
 
 async fn bot_latency(server: &TestServer) {
     let application = server.register("bench@example.com", "Bench").await;
-    let (alice_id, alice) = user(server, &application, "a1", "Alice").await;
     let mut processing = Processing::connect(server, &application, json!([{"botType": "Bench"}])).await;
     let bot_user = processing.bot_user("Bench");
-    let conversation = server
-        .ok(
-            "POST",
-            "/api/v1/conversations",
-            &application.privileged(),
-            Some(json!({"conversation": {"group": false, "memberIds": [alice_id, bot_user]}})),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let server_url = server.base_url.clone();
-    let sender = tokio::spawn(async move {
-        let http = reqwest::Client::new();
-        let token = match &alice {
-            common::Auth::Bearer(token) => token.clone(),
-            _ => unreachable!(),
+    // People each in a one-on-one with the bot, as a support bot sees them.
+    let mut chats = Vec::new();
+    for person in 0..PEOPLE {
+        let (person_id, auth) = user(server, &application, &format!("p{person}"), &format!("Person {person}")).await;
+        let token = match auth {
+            common::Auth::Bearer(token) => token,
+            _ => unreachable!("users authenticate with tokens"),
         };
-        let start = tokio::time::Instant::now();
-        let mut sends = Vec::new();
-        for index in 0..MESSAGES {
-            // Open loop: each send starts at its scheduled time, however
-            // long the previous ones take.
-            tokio::time::sleep_until(start + Duration::from_micros(index * 1_000_000 / RATE_PER_SECOND)).await;
-            let request = http
-                .post(format!("{server_url}/api/v1/conversations/{conversation}/messages"))
-                .bearer_auth(&token)
-                .json(&json!({"text": format!("m{index}")}));
-            sends.push(tokio::spawn(async move { request.send().await.map(|answer| answer.status().as_u16()) }));
-        }
-        for send in sends {
-            assert_eq!(send.await.unwrap().unwrap(), 200);
-        }
-    });
-    let mut latencies = Vec::with_capacity(MESSAGES as usize);
-    let started = Instant::now();
-    while latencies.len() < MESSAGES as usize {
+        let conversation = server
+            .ok(
+                "POST",
+                "/api/v1/conversations",
+                &application.privileged(),
+                Some(json!({"conversation": {"group": false, "memberIds": [person_id, bot_user]}})),
+            )
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        chats.push((token, conversation));
+    }
+    // The conversation-created events.
+    for _ in 0..PEOPLE {
         let event = processing.next_event().await;
-        let received = now_micros();
-        if event["kind"] == "BOT_EVENT_KIND_MESSAGE" {
-            let date: pbjson_types::Timestamp = serde_json::from_value(event["message"]["date"].clone()).unwrap();
-            let sent = date.seconds * 1_000_000 + i64::from(date.nanos) / 1_000;
-            latencies.push((received - sent) as f64 / 1_000.0);
-        }
         processing.ack(&event).await;
     }
-    let elapsed = started.elapsed();
-    sender.await.unwrap();
-    latencies.sort_by(f64::total_cmp);
-    println!(
-        "bot event delivery, {MESSAGES} messages at {RATE_PER_SECOND}/s open loop ({:.0} events/s received): \
-         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        MESSAGES as f64 / elapsed.as_secs_f64(),
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 1.0),
-    );
+    for rate in RATES_PER_SECOND {
+        let messages = rate * SECONDS;
+        let server_url = server.base_url.clone();
+        let chats = chats.clone();
+        let sender = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let start = tokio::time::Instant::now();
+            let mut sends = Vec::new();
+            for index in 0..messages {
+                // Open loop: each send starts at its scheduled time, however
+                // long the previous ones take.
+                tokio::time::sleep_until(start + Duration::from_micros(index * 1_000_000 / rate)).await;
+                let (token, conversation) = &chats[(index as usize) % chats.len()];
+                let request = http
+                    .post(format!("{server_url}/api/v1/conversations/{conversation}/messages"))
+                    .bearer_auth(token)
+                    .json(&json!({"text": format!("m{index}")}));
+                sends.push(tokio::spawn(async move { request.send().await.map(|answer| answer.status().as_u16()) }));
+            }
+            for send in sends {
+                assert_eq!(send.await.unwrap().unwrap(), 200);
+            }
+        });
+        let mut latencies = Vec::with_capacity(messages as usize);
+        let started = Instant::now();
+        while latencies.len() < messages as usize {
+            let event = processing.next_event().await;
+            let received = now_micros();
+            if event["kind"] == "BOT_EVENT_KIND_MESSAGE" {
+                let date: pbjson_types::Timestamp = serde_json::from_value(event["message"]["date"].clone()).unwrap();
+                let sent = date.seconds * 1_000_000 + i64::from(date.nanos) / 1_000;
+                latencies.push((received - sent) as f64 / 1_000.0);
+            }
+            processing.ack(&event).await;
+        }
+        let elapsed = started.elapsed();
+        sender.await.unwrap();
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "bot event delivery, {messages} messages in {PEOPLE} one-on-ones at {rate}/s open loop \
+             ({:.0} events/s received): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            messages as f64 / elapsed.as_secs_f64(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0),
+        );
+    }
 }
 
 async fn webhook_throughput(server: &TestServer) {

@@ -147,6 +147,9 @@ pub trait BotStore: Send + Sync + 'static {
     async fn claim(&self, application_id: &str, claim: &Claim) -> Result<Vec<Delivery>>;
     /// Removes an acknowledged delivery; false when it was not there (acknowledged before).
     async fn acknowledge(&self, application_id: &str, delivery_id: i64) -> Result<bool>;
+    /// Removes acknowledged deliveries in one transaction; returns the ids
+    /// that were there (the others were acknowledged before).
+    async fn acknowledge_many(&self, application_id: &str, delivery_ids: &[i64]) -> Result<Vec<i64>>;
     /// Records a failed attempt: due again at `retry_at`, or a dead letter
     /// when `dead` is set.
     async fn fail(

@@ -476,23 +476,25 @@ impl crate::BotStore for SqlStore {
         sql.push_bind(format!("gave up after {} attempts", claim.max_attempts));
         sql.push(" ELSE last_error END WHERE application_id = ").push_bind(application_id);
         sql.push(" AND consumer_kind = ").push_bind(claim.consumer_kind.as_str());
-        sql.push(" AND dead = FALSE AND next_attempt_at <= ").push_bind(claim.now);
+        sql.push(" AND dead = FALSE AND attempts > 0 AND next_attempt_at <= ").push_bind(claim.now);
         sql.push(" AND attempts >= ").push_bind(i64::from(claim.max_attempts));
         push_consumers(&mut sql, "consumer_id", &claim.consumer_ids);
         tx.execute(&sql.sql, &sql.params).await?;
 
-        // A live delivery with a smaller id of the same consumer and
-        // conversation, claimed or not, holds back everything after it.
-        let mut sql = SqlBuilder::new("SELECT d.id FROM deliveries d WHERE d.application_id = ");
-        sql.push_bind(application_id);
-        sql.push(" AND d.consumer_kind = ").push_bind(claim.consumer_kind.as_str());
-        sql.push(" AND d.dead = FALSE AND d.next_attempt_at <= ").push_bind(claim.now);
-        push_consumers(&mut sql, "d.consumer_id", &claim.consumer_ids);
-        sql.push(
-            " AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.application_id = d.application_id \
-             AND p.consumer_id = d.consumer_id AND p.conversation_id = d.conversation_id \
-             AND p.consumer_kind = d.consumer_kind AND p.dead = FALSE AND p.id < d.id) ORDER BY d.id LIMIT ",
+        // Only the head of a (consumer, conversation) queue, its smallest
+        // live id, may be claimed, and only when due: a head that is
+        // claimed and not acknowledged yet holds back everything after it.
+        let mut sql = SqlBuilder::new(
+            "SELECT d.id FROM deliveries d JOIN (SELECT MIN(id) AS id FROM deliveries WHERE application_id = ",
         );
+        sql.push_bind(application_id);
+        sql.push(" AND consumer_kind = ").push_bind(claim.consumer_kind.as_str());
+        sql.push(" AND dead = FALSE");
+        push_consumers(&mut sql, "consumer_id", &claim.consumer_ids);
+        sql.push(" GROUP BY consumer_id, conversation_id) heads ON heads.id = d.id WHERE d.application_id = ");
+        sql.push_bind(application_id);
+        sql.push(" AND d.next_attempt_at <= ").push_bind(claim.now);
+        sql.push(" ORDER BY d.id LIMIT ");
         sql.push_bind(i64::from(claim.limit));
         let ids = tx.query(&sql.sql, &sql.params).await?.iter().map(|row| row.int(0)).collect::<Result<Vec<_>>>()?;
         if ids.is_empty() {
@@ -523,6 +525,23 @@ impl crate::BotStore for SqlStore {
             )
             .await?;
         Ok(deleted > 0)
+    }
+
+    async fn acknowledge_many(&self, application_id: &str, delivery_ids: &[i64]) -> Result<Vec<i64>> {
+        let mut tx = self.engine().begin().await?;
+        let mut found = Vec::with_capacity(delivery_ids.len());
+        for chunk in delivery_ids.chunks(CHUNK) {
+            let mut sql = SqlBuilder::new("SELECT id FROM deliveries WHERE application_id = ");
+            sql.push_bind(application_id).push(" AND id IN ").push_in_list(chunk);
+            for row in tx.query(&sql.sql, &sql.params).await? {
+                found.push(row.int(0)?);
+            }
+            let mut sql = SqlBuilder::new("DELETE FROM deliveries WHERE application_id = ");
+            sql.push_bind(application_id).push(" AND id IN ").push_in_list(chunk);
+            tx.execute(&sql.sql, &sql.params).await?;
+        }
+        tx.commit().await?;
+        Ok(found)
     }
 
     async fn fail(

@@ -108,10 +108,16 @@ CREATE TABLE deliveries (
     last_error TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
--- The predecessor check of a claim (per consumer and conversation, by id).
-CREATE INDEX deliveries_conversation_idx ON deliveries (application_id, consumer_id, conversation_id, id);
--- Due deliveries of a consumer kind, and the earliest due time.
+-- The head of each live queue (per consumer and conversation, the smallest
+-- id): a claim reads one entry per conversation from here instead of
+-- checking every waiting delivery for a predecessor.
+CREATE INDEX deliveries_live_idx ON deliveries (application_id, consumer_kind, consumer_id, conversation_id, id)
+    WHERE dead = FALSE;
+-- The earliest due time of a consumer kind.
 CREATE INDEX deliveries_due_idx ON deliveries (application_id, consumer_kind, dead, next_attempt_at);
+-- Deliveries attempted before: the only ones a claim may turn into dead letters.
+CREATE INDEX deliveries_attempted_idx ON deliveries (application_id, consumer_kind, next_attempt_at)
+    WHERE dead = FALSE AND attempts > 0;
 
 -- A replay across conversations reads the log by time.
 CREATE INDEX conversation_events_at_idx ON conversation_events (application_id, at, conversation_id, seq);

@@ -453,6 +453,8 @@ pub async fn claims_keep_conversation_order_with_one_delivery_in_flight(store: &
 
     assert!(store.acknowledge(&app, first[0].id).await.unwrap());
     assert!(!store.acknowledge(&app, first[0].id).await.unwrap());
+    // Several at once: only the pending ones are reported (and removed).
+    assert_eq!(store.acknowledge_many(&app, &[first[0].id, -1]).await.unwrap(), Vec::<i64>::new());
     let second = store.claim(&app, &claim_bots(1_500, 5_000)).await.unwrap();
     assert_eq!(claimed(&second), [("A", 2, 1)]);
     assert_eq!(store.next_due(&app, ConsumerKind::Bot).await.unwrap(), Some(2_000));
@@ -481,7 +483,12 @@ pub async fn claims_keep_conversation_order_with_one_delivery_in_flight(store: &
     let rest = store.claim(&app, &claim_bots(3_000, 9_000)).await.unwrap();
     assert_eq!(claimed(&rest), [("", 1, 1)]);
     assert!(store.acknowledge(&app, rest[0].id).await.unwrap());
-    assert_eq!(claimed(&store.claim(&app, &claim_bots(3_000, 9_000)).await.unwrap()), [("", 2, 1)]);
+    let last = store.claim(&app, &claim_bots(3_000, 9_000)).await.unwrap();
+    assert_eq!(claimed(&last), [("", 2, 1)]);
+    let acknowledged = store.acknowledge_many(&app, &[last[0].id, limited[0].id, rest[0].id]).await.unwrap();
+    assert_eq!(acknowledged.len(), 2, "the two pending ones, not the one acknowledged before");
+    assert!(acknowledged.contains(&last[0].id) && acknowledged.contains(&limited[0].id));
+    assert_eq!(store.queue_depth(&app, "bot-2").await.unwrap(), 0);
 }
 
 /// Concurrent claims never hand out one delivery twice.
@@ -613,6 +620,7 @@ pub async fn bot_rows_and_queues_are_isolated_between_applications(store: &dyn S
 
     assert!(store.claim(&app_b, &claim_bots(9_000, 10_000)).await.unwrap().is_empty());
     assert!(!store.acknowledge(&app_b, live[0].id).await.unwrap());
+    assert!(store.acknowledge_many(&app_b, &[live[0].id, dead[0].id]).await.unwrap().is_empty());
     assert_eq!(error_code(store.fail(&app_b, live[0].id, "x", 0, true).await), ErrorCode::DeliveryNotFound);
     store.release(&app_b, &[live[0].id], 0).await.unwrap();
     assert!(store.list_dead(&app_b, ConsumerKind::Bot, None, 0, 10).await.unwrap().is_empty());
