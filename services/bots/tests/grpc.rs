@@ -101,14 +101,14 @@ async fn the_processing_connection_works_as_a_grpc_stream() {
     let bot_user = lease.bots[0].user_id.clone();
 
     // A person writes to the bot through routing; the event arrives on the stream.
-    let person = node
-        .routing
-        .create_user(node.application.request(wire::CreateUserRequest {
-            user: Some(wire::User { name: "Alice".into(), ..Default::default() }),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let person =
+        node.routing
+            .create_user(node.application.request(wire::CreateUserRequest {
+                user: Some(wire::User { name: "Alice".into(), ..Default::default() }),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
     let conversation = node
         .routing
         .create_conversation(node.application.request(wire::CreateConversationRequest {
@@ -124,7 +124,9 @@ async fn the_processing_connection_works_as_a_grpc_stream() {
     let as_person = Caller { user_id: Some(person.id.clone()), ..node.application.clone() };
     node.routing
         .send_message(as_person.request(wire::SendMessageRequest {
-            conversation: Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation.id.clone())) }),
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id(conversation.id.clone())),
+            }),
             text: "over gRPC".into(),
             ..Default::default()
         }))
