@@ -880,6 +880,8 @@ mod tests {
                 poll_interval: Duration::from_millis(50),
                 outbound_timeout: Duration::from_secs(1),
                 max_in_flight: 8,
+                // The receivers of these tests listen on loopback.
+                allow_private_targets: true,
                 ..BotsConfig::default()
             })
         }
