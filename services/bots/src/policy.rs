@@ -9,6 +9,8 @@
 //!   it (it is among the recipients) and the others when it watches the
 //!   conversation (watch mode; by default on in non-context conversations
 //!   and off in context ones, as for people);
+//! - never receives anything from a conversation it cannot read (not a
+//!   member, no access to the context object), recipient or not;
 //! - is told when it is added to or removed from a conversation and when a
 //!   conversation is created with it;
 //! - receives the presses of ProcessByBot buttons of its own messages only.
@@ -97,16 +99,17 @@ async fn bot_recipients<'a>(
             }
             let mut recipients = Vec::new();
             for bot in &consumers.bots {
-                let addressed = message.recipient_ids.contains(&bot.user_id);
-                let receives = if conversation.is_one_on_one() {
-                    in_conversation(&conversation, bot)
-                } else if addressed {
+                // Never from a conversation it cannot read, even when named
+                // as a recipient.
+                let present = in_conversation(&conversation, bot)
+                    || (conversation.context.is_some()
+                        && store.has_context_access(application_id, &conversation.id, &bot.user_id).await?);
+                let receives = if !present {
+                    false
+                } else if conversation.is_one_on_one() || message.recipient_ids.contains(&bot.user_id) {
                     true
                 } else {
-                    let present = in_conversation(&conversation, bot)
-                        || (conversation.context.is_some()
-                            && store.has_context_access(application_id, &conversation.id, &bot.user_id).await?);
-                    present && watches(store, application_id, &conversation, &bot.user_id).await?
+                    watches(store, application_id, &conversation, &bot.user_id).await?
                 };
                 if receives {
                     recipients.push((bot, BotEventKind::Message));

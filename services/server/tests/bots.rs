@@ -200,6 +200,28 @@ async fn a_bot_in_a_group_hears_only_what_it_should() {
     let removed = processing.next_event().await;
     assert_eq!(removed["kind"], "BOT_EVENT_KIND_REMOVED_FROM_CONVERSATION");
     assert_eq!(removed["bot"]["id"], helper["id"]);
+    processing.ack(&removed).await;
+    // No longer a member: a message addressed to it does not reach it.
+    send(&server, &alice, &group, json!({"text": "6 after removal", "recipientIds": [helper_user]})).await;
+    let event = processing.next_message_event().await;
+    assert_eq!(
+        (event["bot"]["botType"].as_str(), event["message"]["text"].as_str()),
+        (Some("OtherBot"), Some("6 after removal"))
+    );
+    processing.ack(&event).await;
+    // Added again: told so.
+    server
+        .ok(
+            "PATCH",
+            &format!("/api/v1/conversations/{group}"),
+            &application.privileged(),
+            Some(json!({"addMemberIds": [helper_user]})),
+        )
+        .await;
+    let added = processing.next_event().await;
+    assert_eq!(added["kind"], "BOT_EVENT_KIND_ADDED_TO_CONVERSATION");
+    assert_eq!(added["bot"]["id"], helper["id"]);
+    assert_eq!(added["conversation"]["id"], group.as_str());
 }
 
 #[tokio::test]
