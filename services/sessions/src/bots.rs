@@ -57,6 +57,7 @@ async fn processing(State(gateway): State<Gateway>, headers: HeaderMap, upgrade:
         return error_response(&error);
     }
     upgrade
+        .read_buffer_size(crate::READ_BUFFER_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| serve(gateway, caller, socket))

@@ -54,6 +54,7 @@ type BusStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Received> + S
 
 pub async fn upgrade(State(gateway): State<Gateway>, upgrade: WebSocketUpgrade) -> Response {
     upgrade
+        .read_buffer_size(crate::READ_BUFFER_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| serve_connection(gateway, socket))
