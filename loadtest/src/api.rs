@@ -21,6 +21,7 @@ pub enum Credentials {
     Register { email: String, outbox: PathBuf },
 }
 
+/// The run's application on one server. Its key never appears in Debug output.
 #[derive(Clone)]
 pub struct Api {
     pub base_url: String,
@@ -58,6 +59,12 @@ fn activation_code(outbox: &std::path::Path, email: &str) -> anyhow::Result<Stri
         .with_context(|| format!("no activation code in the mail to {email}"))
 }
 
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("base_url", &self.base_url).field("application_id", &self.application_id).finish()
+    }
+}
+
 impl Api {
     pub async fn connect(base_url: &str, credentials: &Credentials) -> anyhow::Result<Api> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
@@ -92,7 +99,13 @@ impl Api {
     }
 
     /// A privileged call (optionally acting as a user).
-    pub async fn call(&self, method: reqwest::Method, path: &str, act_as: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        act_as: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let mut request =
             self.http.request(method, format!("{}{path}", self.base_url)).header("authorization", self.authorization());
         if let Some(user) = act_as {

@@ -116,7 +116,9 @@ pub async fn next_frame(socket: &mut Socket, timeout: Duration) -> anyhow::Resul
 /// Subscribes to a conversation and waits for the answer.
 pub async fn subscribe(socket: &mut Socket, conversation_id: &str, timeout: Duration) -> anyhow::Result<()> {
     let subscribe = wire::Subscribe {
-        conversation: Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())) }),
+        conversation: Some(wire::ConversationRef {
+            by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())),
+        }),
         after_seq: 0,
     };
     socket.send(frame(2, wire::client_frame::Body::Subscribe(subscribe))).await?;

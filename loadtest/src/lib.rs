@@ -10,6 +10,7 @@ pub mod recorder;
 pub mod report;
 pub mod result;
 pub mod run;
+pub mod scenario_file;
 pub mod scenarios;
 pub mod scrape;
 pub mod sources;

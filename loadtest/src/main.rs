@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 /// duplicated or reordered, and writes result.json, report.html and PNG
 /// plots to --report-dir. The exit status is 1 when the run failed its
 /// checks.
+///
+/// `beseda-loadtest file <scenario.toml>` runs a scenario described in a
+/// file: `scenario = "fanout"` and the flags as keys (`members = 500`,
+/// `target = ["http://127.0.0.1:8087"]`, `relay = true`).
 #[derive(Parser)]
 #[command(name = "beseda-loadtest", version, about, long_about = None)]
 struct Cli {
@@ -81,7 +85,7 @@ enum Scenario {
     /// (jittered 0.5-1.5x) and resumes with Subscribe{afterSeq = the last seq it processed}; across its
     /// reconnects it must receive every message exactly once, in order. Latency: from when a message was
     /// due to its receipt (replayed ones include the time away). The run fails if anything was lost,
-    /// duplicated or reordered, or a reconnect attempt failed. Figures: reconnect_p50_ms and
+    /// duplicated or reordered, a reconnect attempt failed, or no client reconnected. Figures: reconnect_p50_ms and
     /// reconnect_p99_ms (from starting the reconnect to the subscribed answer, replay included),
     /// reconnects_per_second.
     Churn(scenarios::churn::Churn),
@@ -96,7 +100,18 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let result = match Cli::parse().scenario {
+    let cli = match std::env::args().nth(1).as_deref() {
+        Some("file") => {
+            let path = std::env::args()
+                .nth(2)
+                .ok_or_else(|| anyhow::anyhow!("usage: beseda-loadtest file <scenario.toml>"))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|error| anyhow::anyhow!("cannot read {path}: {error}"))?;
+            Cli::try_parse_from(beseda_loadtest::scenario_file::arguments(&text)?)?
+        }
+        _ => Cli::parse(),
+    };
+    let result = match cli.scenario {
         Scenario::Fanout(scenario) => scenarios::fanout::run(scenario).await?,
         Scenario::Pairs(scenario) => scenarios::pairs::run(scenario).await?,
         Scenario::Webhook(scenario) => scenarios::webhook::run(scenario).await?,
@@ -109,7 +124,11 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&result.totals)?);
     println!(
         "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        result.latency_ms.p50, result.latency_ms.p90, result.latency_ms.p99, result.latency_ms.p999, result.latency_ms.max
+        result.latency_ms.p50,
+        result.latency_ms.p90,
+        result.latency_ms.p99,
+        result.latency_ms.p999,
+        result.latency_ms.max
     );
     for (name, value) in &result.figures {
         println!("{name}: {value:.1}");

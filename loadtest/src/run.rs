@@ -61,6 +61,10 @@ pub struct Common {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Applications this run registered, for `--cleanup`.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub registered: Arc<Mutex<Vec<Api>>>,
 }
 
 impl Common {
@@ -84,10 +88,29 @@ impl Common {
             (Some(application_id), Some(application_key)) => {
                 Credentials::Given { application_id: application_id.clone(), application_key: application_key.clone() }
             }
-            (None, None) => Credentials::Register { email: self.register_email.clone(), outbox: self.outbox_dir.clone() },
+            (None, None) => {
+                Credentials::Register { email: self.register_email.clone(), outbox: self.outbox_dir.clone() }
+            }
             _ => anyhow::bail!("give both --application-id and --application-key, or neither"),
         };
-        Api::connect(&self.targets[0], &credentials).await
+        let registers = matches!(credentials, Credentials::Register { .. });
+        let api = Api::connect(&self.targets[0], &credentials).await?;
+        if registers {
+            self.registered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(api.clone());
+        }
+        Ok(api)
+    }
+
+    /// Unregisters the applications this run registered (their keys are
+    /// deleted; the server keeps their history, as for any unregistered
+    /// application). Given applications are never touched.
+    async fn clean_up(&self) {
+        let registered = std::mem::take(&mut *self.registered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for api in registered {
+            if let Err(error) = api.call(reqwest::Method::DELETE, "/api/v1/registration", None, None).await {
+                tracing::warn!("cannot unregister the run's application {}: {error:#}", api.application_id);
+            }
+        }
     }
 }
 
@@ -159,6 +182,9 @@ impl Run {
             passed: failures.is_empty(),
             failures,
         };
+        if common.cleanup {
+            common.clean_up().await;
+        }
         let files = crate::report::write_reports(&result, &common.report_dir)?;
         for file in files {
             eprintln!("wrote {}", file.display());
@@ -199,7 +225,7 @@ async fn progress(recorder: Arc<Recorder>, quiet: bool, mut stop: tokio::sync::w
         }
         recorder.tick();
         count += 1;
-        if quiet || (!terminal && count % 5 != 0) {
+        if quiet || (!terminal && !count.is_multiple_of(5)) {
             continue;
         }
         let second = recorder.last_second().unwrap_or_default();

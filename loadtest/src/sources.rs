@@ -28,9 +28,8 @@ impl Target {
     /// From `http://host:port` (a path, if any, is ignored).
     pub fn parse(url: &str) -> anyhow::Result<Target> {
         let url = url.trim_end_matches('/');
-        let rest = url
-            .strip_prefix("http://")
-            .with_context(|| format!("target {url:?}: give an http://host:port URL"))?;
+        let rest =
+            url.strip_prefix("http://").with_context(|| format!("target {url:?}: give an http://host:port URL"))?;
         let authority = rest.split('/').next().unwrap_or(rest);
         let address = std::net::ToSocketAddrs::to_socket_addrs(authority)
             .with_context(|| format!("target {url:?} does not resolve"))?
@@ -66,7 +65,8 @@ impl Endpoints {
     pub fn pick(&self) -> (Option<IpAddr>, &Target) {
         let index = self.next.fetch_add(1, Ordering::Relaxed);
         let target = &self.targets[index % self.targets.len()];
-        let source = (!self.sources.is_empty()).then(|| self.sources[(index / self.targets.len()) % self.sources.len()]);
+        let source =
+            (!self.sources.is_empty()).then(|| self.sources[(index / self.targets.len()) % self.sources.len()]);
         (source, target)
     }
 }

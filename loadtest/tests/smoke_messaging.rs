@@ -8,9 +8,10 @@ use beseda_loadtest::scenarios::{fanout, pairs};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_everything_once_in_order() {
     let server = common::Server::start().await;
-    let result = fanout::run(fanout::Fanout { common: server.common(2), members: 20, senders: 3, rate: 30.0, relay: false })
-        .await
-        .unwrap();
+    let result =
+        fanout::run(fanout::Fanout { common: server.common(2), members: 20, senders: 3, rate: 30.0, relay: false })
+            .await
+            .unwrap();
     assert!(result.passed, "{:?}", result.failures);
     assert!(result.totals.sent > 0);
     assert_eq!(result.totals.delivered, result.totals.sent * 19);

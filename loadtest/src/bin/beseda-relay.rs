@@ -32,7 +32,6 @@
 //! Example: `beseda-relay --listen 127.0.0.1:9100 --listen 127.0.0.1:9101 --duration-seconds 60`,
 //! then point the load generator's fan-out scenario at `ws://127.0.0.1:9100/` (and `:9101`).
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -524,27 +523,44 @@ fn take(m: Message, batch: &mut Vec<Message>) -> bool {
 async fn write_loop(ws: Arc<Ws>, mut rx: mpsc::Receiver<Item>, id: u64, relay: Arc<Relay>) {
     let limit = relay.queue;
     let mut items: Vec<Item> = Vec::with_capacity(limit.min(1024));
-    let mut out: VecDeque<Message> = VecDeque::new();
     loop {
         if rx.recv_many(&mut items, limit).await == 0 {
             break;
         }
-        for item in items.drain(..) {
-            match item {
-                Item::One(m) => out.push_back(m),
-                Item::Many(ms) => out.extend(ms.iter().cloned()),
-            }
-        }
-        let frames = out.len() as u64;
+        let mut drained = items.drain(..);
+        // The batch being fed and the position of its next frame.
+        let mut batch: Option<(Arc<[Message]>, usize)> = None;
+        let mut frames = 0u64;
         let written = poll_fn(|cx| {
             let mut ws = lock(&ws);
-            while !out.is_empty() {
+            loop {
+                // Pending only when the write buffer is full and the socket takes no more; nothing
+                // has been taken from the queue yet at that point.
                 ready!(ws.poll_ready_unpin(cx))?;
-                ws.start_send_unpin(out.pop_front().expect("not empty"))?;
+                let next = match batch.take() {
+                    Some((ms, i)) => {
+                        let m = ms[i].clone();
+                        if i + 1 < ms.len() {
+                            batch = Some((ms, i + 1));
+                        }
+                        m
+                    }
+                    None => match drained.next() {
+                        Some(Item::One(m)) => m,
+                        Some(Item::Many(ms)) => {
+                            batch = Some((ms, 0));
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                ws.start_send_unpin(next)?;
+                frames += 1;
             }
             Poll::Ready(ready!(ws.poll_flush_unpin(cx)))
         })
         .await;
+        drop(drained);
         if written.is_err() {
             break;
         }

@@ -7,7 +7,11 @@
 //! what it missed, in order, before live events. Across all its
 //! reconnects, each client must receive every message exactly once and in
 //! each sender's order; one tracker per client, kept across its
-//! connections, checks that.
+//! connections, checks that. Before anyone subscribes the run posts one
+//! message, so that no client ever resumes from seq 0 (`afterSeq = 0` means
+//! "only new events" and would skip whatever it missed before its first
+//! event). When deliveries are missing, the failures name the clients that
+//! did not reach the conversation's last stored seq.
 //!
 //! The reconnect cost is the time from starting a reconnect (a new TCP
 //! connection) to the `subscribed` answer, which comes after the replay;
@@ -16,7 +20,8 @@
 //! received through a replay includes the time its client was away.
 //!
 //! The run fails when anything was lost, duplicated or out of order, when a
-//! reconnect attempt failed, or when no client reconnected at all.
+//! client did not reach the last stored seq, when a reconnect attempt
+//! failed, or when no client reconnected at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,7 +165,7 @@ pub async fn run(scenario: Churn) -> anyhow::Result<RunResult> {
     });
 
     let mut writers = Vec::with_capacity(scenario.senders);
-    let mut sender_readers = Vec::with_capacity(scenario.senders);
+    let mut sender_readers: Vec<tokio::task::JoinHandle<()>> = Vec::with_capacity(scenario.senders);
     for (index, token) in sender_tokens.iter().enumerate() {
         let (source, target) = run.endpoints.pick();
         let connected = async {
@@ -190,6 +195,9 @@ pub async fn run(scenario: Churn) -> anyhow::Result<RunResult> {
             Ok(socket) => socket,
             Err(error) => {
                 run.recorder.connection_failed();
+                for reader in &sender_readers {
+                    reader.abort();
+                }
                 bail!("cannot connect sender {index}: {error:#}");
             }
         };
@@ -240,6 +248,7 @@ pub async fn run(scenario: Churn) -> anyhow::Result<RunResult> {
         run.recorder.connected();
         clients.push(tokio::spawn(client_loop(shared.clone(), index, token, socket, last_seq)));
     }
+
     // The senders, open loop; the clients churn meanwhile.
     let receivers_each = u64::try_from(scenario.clients).unwrap_or(0);
     let per_sender = scenario.rate / scenario.senders as f64;

@@ -162,7 +162,10 @@ pub async fn run(scenario: Fanout) -> anyhow::Result<RunResult> {
                 let frame = if relay {
                     WsMessage::Text(text.into())
                 } else {
-                    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(seq + FIRST_REQUEST_ID, scheduled);
+                    pending
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(seq + FIRST_REQUEST_ID, scheduled);
                     client::send_message(seq + FIRST_REQUEST_ID, &conversation_id, text)
                 };
                 match writer.send(frame).await {
@@ -229,7 +232,9 @@ pub fn acknowledged(
     let scheduled = pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&frame.request_id);
     let Some(scheduled) = scheduled else { return };
     match &frame.body {
-        Some(beseda_proto::v1::server_frame::Body::Message(_)) => recorder.accepted(receivers_each, received - scheduled),
+        Some(beseda_proto::v1::server_frame::Body::Message(_)) => {
+            recorder.accepted(receivers_each, received - scheduled)
+        }
         _ => recorder.error(),
     }
 }

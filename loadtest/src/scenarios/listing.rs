@@ -104,7 +104,7 @@ struct Reader {
 impl Reader {
     async fn request(&self, index: u64) -> bool {
         let base_url = &self.base_urls[usize::try_from(index).unwrap_or(0) % self.base_urls.len()];
-        let messages = index % 2 == 0;
+        let messages = index.is_multiple_of(2);
         let (path, ids, field) = if messages {
             self.messages_requests.fetch_add(1, Ordering::Relaxed);
             (format!("/api/v1/conversations/{}/messages/search", self.conversation_id), &self.message_ids, "messages")

@@ -10,7 +10,9 @@ use crate::client::{self, now_micros, parse_payload, payload};
 use crate::recorder::OrderTracker;
 use crate::result::RunResult;
 use crate::run::{Common, Run, due};
-use crate::scenarios::fanout::{FIRST_REQUEST_ID, FLUSH_WHEN_IDLE, Pending, acknowledged, acknowledgement_figures, drain_acknowledged};
+use crate::scenarios::fanout::{
+    FIRST_REQUEST_ID, FLUSH_WHEN_IDLE, Pending, acknowledged, acknowledgement_figures, drain_acknowledged,
+};
 
 #[derive(Args, Clone, Debug, serde::Serialize)]
 pub struct Pairs {
@@ -106,7 +108,10 @@ pub async fn run(scenario: Pairs) -> anyhow::Result<RunResult> {
                 }
                 tokio::time::sleep_until(at).await;
                 let scheduled = start_micros + i64::try_from((at - start).as_micros()).unwrap_or(i64::MAX);
-                pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(seq + FIRST_REQUEST_ID, scheduled);
+                pending
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(seq + FIRST_REQUEST_ID, scheduled);
                 let text = payload(sender, seq, scheduled);
                 match writer.send(client::send_message(seq + FIRST_REQUEST_ID, &conversation, text)).await {
                     Ok(()) => recorder.attempted(1),
@@ -134,7 +139,8 @@ pub async fn run(scenario: Pairs) -> anyhow::Result<RunResult> {
     for reader in readers {
         reader.abort();
     }
-    let parameters = json!({"pairs": scenario.pairs, "rate": scenario.rate, "durationSeconds": common.duration_seconds});
+    let parameters =
+        json!({"pairs": scenario.pairs, "rate": scenario.rate, "durationSeconds": common.duration_seconds});
     let totals = run.recorder.totals();
     let mut figures = vec![("messages_per_second", totals.sent as f64 / common.duration_seconds.max(1) as f64)];
     figures.extend(acknowledgement_figures(&run));

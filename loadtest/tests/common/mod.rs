@@ -69,6 +69,7 @@ impl Server {
             drain_seconds: 10,
             scrape_interval_seconds: 1,
             quiet: true,
+            registered: Default::default(),
         }
     }
 
