@@ -330,10 +330,11 @@ fn judge(
     match sustained_step {
         None => failures.push(match steps.first() {
             Some(step) => format!(
-                "no step passed: at --start-rate {}/s, {} of {} attempts failed and connect p99 was {:.1} ms{first_error}",
+                "no step passed: at --start-rate {}/s, {} of {} attempts failed, {} slow, p99 {:.1} ms{first_error}",
                 step.rate,
                 step.failed,
                 step.launched,
+                step.slow,
                 step.p99_ms()
             ),
             None => "no connection was attempted".to_owned(),
