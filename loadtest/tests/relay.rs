@@ -220,3 +220,38 @@ async fn duration_ends_the_run_with_totals() {
     assert!(log.contains("received=1 delivered=1 dropped=0 "), "unexpected totals:\n{log}");
     assert!(log.contains("open-file limit"), "fd limit not printed:\n{log}");
 }
+
+/// The fan-out scenario in relay mode, end to end against the real relay:
+/// everything sent reaches every other member once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fanout_scenario_runs_against_the_relay() {
+    let relay = Relay::start(&["--duration-seconds", "60"]);
+    let reports = tempfile::tempdir().unwrap();
+    let common = beseda_loadtest::run::Common {
+        targets: vec![format!("http://{}", relay.addr)],
+        duration_seconds: 2,
+        sources: 2,
+        report_dir: reports.path().to_owned(),
+        application_id: None,
+        application_key: None,
+        register_email: "unused@example.com".into(),
+        outbox_dir: reports.path().to_owned(),
+        cleanup: false,
+        server_pid: None,
+        connect_timeout_seconds: 10,
+        drain_seconds: 10,
+        scrape_interval_seconds: 1,
+        quiet: true,
+        registered: Default::default(),
+    };
+    let scenario =
+        beseda_loadtest::scenarios::fanout::Fanout { common, members: 20, senders: 4, rate: 200.0, relay: true };
+    let result = timeout(Duration::from_secs(60), beseda_loadtest::scenarios::fanout::run(scenario))
+        .await
+        .expect("the run stops by itself")
+        .expect("the run");
+    assert!(result.passed, "{:?}", result.failures);
+    assert!(result.totals.sent > 0);
+    assert_eq!(result.totals.delivered, result.totals.sent * 19);
+    assert!(reports.path().join("report.html").exists());
+}
