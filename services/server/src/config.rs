@@ -227,8 +227,8 @@ impl NodeConfig {
                 }
                 "LOG_FORMAT" => config.log.format = value.clone(),
                 "LOG" => config.log.filter = value.clone(),
-                // Variables of other tools (tests, CI) share the prefix.
-                _ if key.starts_with("TEST_") => {}
+                // Variables of other tools (tests, CI, the load generator) share the prefix.
+                _ if key.starts_with("TEST_") || key.starts_with("LOADTEST_") || key.starts_with("BENCH_") => {}
                 _ => bail!("unknown environment variable {name}; see docs/configuration.md for the list"),
             }
         }
@@ -337,6 +337,8 @@ mod tests {
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:9100");
         let typo = vec![("BESEDA_LISTN".to_owned(), "x".to_owned())];
         assert!(NodeConfig::load(None, &typo).is_err());
+        let tools = vec![("BESEDA_LOADTEST_APPLICATION_KEY".to_owned(), "k".to_owned())];
+        assert!(NodeConfig::load(None, &tools).is_ok(), "the load generator's variables are not the server's");
     }
 
     #[test]
