@@ -574,16 +574,33 @@ impl Bots for BotsService {
             }
             let (mut after_seq, mut since) = (request.after_seq, since);
             let mut enqueued = 0usize;
+            // Across conversations a page ends at a time, and the next page
+            // starts at that same time (events can share a microsecond):
+            // the ones of the boundary already taken are skipped.
+            let mut taken_at_boundary: std::collections::HashSet<(String, u64)> = std::collections::HashSet::new();
             const PAGE: u32 = 1000;
             loop {
                 let events = self
                     .store
                     .events_for_replay(&caller.application_id, conversation_id, after_seq, since, PAGE)
                     .await?;
-                let Some(last) = events.last() else { break };
                 let page_full = events.len() == PAGE as usize;
+                let fresh: Vec<_> = events
+                    .into_iter()
+                    .filter(|event| !taken_at_boundary.contains(&(event.conversation_id.clone(), event.seq)))
+                    .collect();
+                let Some(last) = fresh.last() else { break };
+                if last.at != since {
+                    taken_at_boundary.clear();
+                }
                 (after_seq, since) = (last.seq, last.at);
-                let deliveries: Vec<_> = events
+                taken_at_boundary.extend(
+                    fresh
+                        .iter()
+                        .filter(|event| event.at == since)
+                        .map(|event| (event.conversation_id.clone(), event.seq)),
+                );
+                let deliveries: Vec<_> = fresh
                     .iter()
                     .filter(|event| subscription.wants(event))
                     .map(|event| beseda_core::bots::NewDelivery {
@@ -597,11 +614,6 @@ impl Bots for BotsService {
                 enqueued += deliveries.len();
                 if !page_full || enqueued >= MAX_REPLAY_EVENTS {
                     break;
-                }
-                if conversation_id.is_none() {
-                    // Across conversations the page boundary is a time; the
-                    // next page starts just after it.
-                    since = since.saturating_add(1);
                 }
             }
             self.outbound_wakeup.notify_one();
