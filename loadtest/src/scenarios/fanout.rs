@@ -256,23 +256,23 @@ pub fn acknowledgement_figures(run: &Run) -> Vec<(&'static str, f64)> {
 /// Waits until every send was answered and every expected delivery
 /// arrived, or the drain time is over.
 pub async fn drain_acknowledged(run: &Run, common: &Common) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(common.drain_seconds);
-    while tokio::time::Instant::now() < deadline {
-        let totals = run.recorder.totals();
-        let accepted = run.recorder.accepted.load(std::sync::atomic::Ordering::Relaxed);
-        if accepted + totals.errors >= totals.sent && totals.delivered >= totals.expected_deliveries {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    drain_until(run, common, |totals, accepted| {
+        accepted + totals.errors >= totals.sent && totals.delivered >= totals.expected_deliveries
+    })
+    .await;
 }
 
 /// Waits until every expected delivery arrived, or the drain time is over.
 pub async fn drain(run: &Run, common: &Common) {
+    drain_until(run, common, |totals, _| totals.delivered >= totals.expected_deliveries).await;
+}
+
+/// Polls the totals (and the count of acknowledged sends) until `done`, at most the drain time.
+async fn drain_until(run: &Run, common: &Common, done: impl Fn(&crate::result::Totals, u64) -> bool) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(common.drain_seconds);
     while tokio::time::Instant::now() < deadline {
-        let totals = run.recorder.totals();
-        if totals.delivered >= totals.expected_deliveries {
+        let accepted = run.recorder.accepted.load(std::sync::atomic::Ordering::Relaxed);
+        if done(&run.recorder.totals(), accepted) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -24,13 +24,12 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::signature::{SIGNATURE_HEADER, sign};
 use beseda_core::bots::{ConsumerKind, Delivery, EventSubscription};
 use beseda_core::model::{Micros, now_micros};
 use beseda_store::Store;
 use beseda_store::bots::Claim;
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -42,7 +41,6 @@ pub const EVENT_HEADER: &str = "x-beseda-event";
 /// `X-Beseda-Delivery`: the delivery id (also `deliveryId` in the body).
 pub const DELIVERY_HEADER: &str = "x-beseda-delivery";
 /// `X-Beseda-Signature`: `sha256=<lowercase hex HMAC-SHA256(secret, body)>`.
-pub const SIGNATURE_HEADER: &str = "x-beseda-signature";
 /// `X-Beseda-Timestamp`: when the request was sent, in Unix seconds.
 pub const TIMESTAMP_HEADER: &str = "x-beseda-timestamp";
 
@@ -56,21 +54,6 @@ const ERROR_BODY_BYTES: usize = 200;
 const ERROR_TEXT_CHARS: usize = 300;
 /// How long shutting down may spend handing unfinished deliveries back.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
-
-type HmacSha256 = Hmac<Sha256>;
-
-/// Lowercase hex HMAC-SHA256 of `body` keyed with `secret`.
-pub fn hmac_sha256_hex(secret: &[u8], body: &[u8]) -> String {
-    // HMAC takes keys of any length, so this never fails.
-    let Ok(mut mac) = <HmacSha256 as Mac>::new_from_slice(secret) else { return String::new() };
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
-/// The `X-Beseda-Signature` value for `body` under the subscription's secret.
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    format!("sha256={}", hmac_sha256_hex(secret.as_bytes(), body))
-}
 
 /// The exact bytes POSTed for a delivery (and signed):
 /// `{"deliveryId", "subscriptionId", "applicationId", "attempt", "event"}`.
@@ -205,7 +188,7 @@ async fn post(
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(EVENT_HEADER, delivery.event.kind.name())
         .header(DELIVERY_HEADER, delivery.id.to_string())
-        .header(SIGNATURE_HEADER, signature(&subscription.secret, &body))
+        .header(SIGNATURE_HEADER, sign(&subscription.secret, &body))
         .header(TIMESTAMP_HEADER, timestamp.to_string())
         .body(body);
     let mut response = request.send().await.map_err(|error| transport_error(&error))?;
@@ -567,6 +550,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signature::hmac_sha256_hex;
     use beseda_core::bots::{ApplicationEvent, ApplicationEventKind, Bot};
 
     #[test]
@@ -576,7 +560,7 @@ mod tests {
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         assert_eq!(
-            signature("Jefe", b"what do ya want for nothing?"),
+            sign("Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
@@ -631,7 +615,7 @@ mod tests {
         assert_eq!(value["event"]["bot"]["id"], "bot-1");
         assert_eq!(value.as_object().unwrap().len(), 5, "{value}");
         // The signature is over exactly these bytes.
-        assert_eq!(signature("s3cret", &body), format!("sha256={}", hmac_sha256_hex(b"s3cret", &body)));
+        assert_eq!(sign("s3cret", &body), format!("sha256={}", hmac_sha256_hex(b"s3cret", &body)));
     }
 
     #[test]
@@ -735,7 +719,7 @@ mod tests {
         assert_eq!(headers["content-type"], "application/json");
         assert_eq!(headers[EVENT_HEADER], "bot.created");
         assert_eq!(headers[DELIVERY_HEADER], "42");
-        assert_eq!(headers[SIGNATURE_HEADER].to_str().unwrap(), signature("s3cret", &body));
+        assert_eq!(headers[SIGNATURE_HEADER].to_str().unwrap(), sign("s3cret", &body));
         let sent_at: u64 = headers[TIMESTAMP_HEADER].to_str().unwrap().parse().unwrap();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         assert!(sent_at <= now && now - sent_at < 60, "{sent_at} vs {now}");

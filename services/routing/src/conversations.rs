@@ -241,6 +241,8 @@ impl RoutingService {
             last_seq: 0,
         };
         self.store.insert_conversation(&caller.application_id, &conversation).await?;
+        // Its outbox row (ConversationCreated) has no conversation event to announce it.
+        self.outbox_signal.notify_one();
         for member_id in &conversation.member_ids {
             self.publish_user_event(
                 &caller.application_id,

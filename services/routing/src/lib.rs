@@ -90,6 +90,7 @@ impl RoutingService {
     }
 
     async fn publish_conversation_event(&self, application_id: &str, event: &beseda_core::model::ConversationEvent) {
+        // Every change with a conversation event wrote an outbox row with it.
         self.outbox_signal.notify_one();
         let topic = Topic::Conversation {
             application_id: application_id.to_owned(),
@@ -115,8 +116,6 @@ impl RoutingService {
     }
 
     async fn publish_user_event(&self, application_id: &str, user_id: &str, kind: wire::user_event::Kind) {
-        // Conversation creation announces itself to its members this way.
-        self.outbox_signal.notify_one();
         let topic = Topic::User { application_id: application_id.to_owned(), user_id: user_id.to_owned() };
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),

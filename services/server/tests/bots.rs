@@ -49,6 +49,11 @@ async fn bot_user(server: &TestServer, application: &Application, name: &str) ->
     created["id"].as_str().unwrap().to_owned()
 }
 
+/// CreateBot that must fail with `code`; returns the error.
+async fn refuse_bot(server: &TestServer, auth: &common::Auth, body: Value, code: &str) -> Value {
+    server.fails("POST", "/api/v1/bots", auth, Some(body), code).await
+}
+
 async fn create_bot(server: &TestServer, application: &Application, user_id: &str, bot_type: &str) -> Value {
     server
         .ok(
@@ -459,56 +464,24 @@ async fn bot_objects_follow_the_rules_of_standard_798() {
     let helper_user = bot_user(&server, &application, "Helper").await;
     let privileged = application.privileged();
     // A user paired with an infobase user cannot be a bot's user.
-    let error = server
-        .fails(
-            "POST",
-            "/api/v1/bots",
-            &privileged,
-            Some(json!({"bot": {"userId": alice_id, "botType": "X"}})),
-            "bot_user_paired",
-        )
-        .await;
+    let error =
+        refuse_bot(&server, &privileged, json!({"bot": {"userId": alice_id, "botType": "X"}}), "bot_user_paired").await;
     assert_eq!(error["field"], "bot.userId");
     let bot = create_bot(&server, &application, &helper_user, "Helper").await;
     // Two instances on one user: refused, not silently last-one-wins.
-    server
-        .fails(
-            "POST",
-            "/api/v1/bots",
-            &privileged,
-            Some(json!({"bot": {"userId": helper_user, "botType": "Helper"}})),
-            "bot_user_taken",
-        )
+    refuse_bot(&server, &privileged, json!({"bot": {"userId": helper_user, "botType": "Helper"}}), "bot_user_taken")
         .await;
-    server
-        .fails(
-            "POST",
-            "/api/v1/bots",
-            &privileged,
-            Some(json!({"bot": {"userId": helper_user, "botType": "Other"}})),
-            "bot_user_taken",
-        )
+    refuse_bot(&server, &privileged, json!({"bot": {"userId": helper_user, "botType": "Other"}}), "bot_user_taken")
         .await;
-    server
-        .fails(
-            "POST",
-            "/api/v1/bots",
-            &privileged,
-            Some(json!({"bot": {"userId": helper_user, "botType": "Y", "predefined": true}})),
-            "predefined_bot",
-        )
-        .await;
-    server
-        .fails("POST", "/api/v1/bots", &privileged, Some(json!({"bot": {"userId": helper_user}})), "field_required")
-        .await;
-    server
-        .fails(
-            "POST",
-            "/api/v1/bots",
-            &alice,
-            Some(json!({"bot": {"userId": helper_user, "botType": "Z"}})),
-            "privileged_mode_required",
-        )
+    refuse_bot(
+        &server,
+        &privileged,
+        json!({"bot": {"userId": helper_user, "botType": "Y", "predefined": true}}),
+        "predefined_bot",
+    )
+    .await;
+    refuse_bot(&server, &privileged, json!({"bot": {"userId": helper_user}}), "field_required").await;
+    refuse_bot(&server, &alice, json!({"bot": {"userId": helper_user, "botType": "Z"}}), "privileged_mode_required")
         .await;
     let bot_id = bot["id"].as_str().unwrap();
     let updated = server

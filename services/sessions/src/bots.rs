@@ -27,9 +27,6 @@ use prost::Message as _;
 use crate::Gateway;
 use crate::http_error::error_response;
 
-/// Header carrying the webhook signature, `sha256=<hex>`.
-pub const SIGNATURE_HEADER: &str = "x-beseda-signature";
-
 pub fn router(gateway: Gateway) -> axum::Router {
     axum::Router::new()
         .route("/bots/v1/processing", axum::routing::get(processing))
@@ -129,7 +126,11 @@ async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let signature = headers.get(SIGNATURE_HEADER).and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    let signature = headers
+        .get(beseda_bots::signature::SIGNATURE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let request = wire::WebhookRequest { token, body: body.to_vec(), signature };
     let answer = match gateway.bots.receive_webhook(tonic::Request::new(request)).await {
         Ok(answer) => answer.into_inner(),

@@ -36,7 +36,6 @@ use beseda_routing::Caller;
 use beseda_routing::status::from_status;
 use beseda_store::{Store, UserQuery};
 use futures_util::FutureExt;
-use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -60,9 +59,7 @@ pub use signature::*;
 /// The one external system type this server implements (ТипВнешнейСистемы).
 pub const WEBHOOK: &str = "webhook";
 
-/// The header that carries the body's signature when the integration has a
-/// signing secret.
-pub const SIGNATURE_HEADER: &str = "X-Beseda-Signature";
+pub use crate::signature::SIGNATURE_HEADER;
 
 /// The text of every 404: the documented contract has no other.
 pub const NO_ACTIVE_INTEGRATION: &str = "No active integration";

@@ -4,17 +4,6 @@ use super::*;
 
 // ---- signatures --------------------------------------------------------------
 
-/// `sha256=<lowercase hex HMAC-SHA256(secret, body)>`: the header value a
-/// request signed with `secret` carries.
-pub fn signature_for(secret: &str, body: &[u8]) -> String {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
-        // HMAC takes keys of any length; this branch is unreachable.
-        return String::new();
-    };
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// Checks the signature header when the integration has a signing secret
 /// (an empty secret counts as none). The comparison takes constant time.
 pub fn check_signature(secret: Option<&str>, body: &[u8], header: &str) -> Outcome<()> {
@@ -35,7 +24,7 @@ pub fn check_signature(secret: Option<&str>, body: &[u8], header: &str) -> Outco
         }
         _ => header.to_owned(),
     };
-    let expected = signature_for(secret, body);
+    let expected = crate::signature::sign(secret, body);
     if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
