@@ -1,6 +1,6 @@
 //! The session registry answers "who is connected where". On one node it is
-//! a concurrent map; the cluster issue replaces it with an openraft-replicated
-//! state machine behind the same trait.
+//! a concurrent map ([`LocalRegistry`]); in a cluster it is an
+//! openraft-replicated state machine behind the same trait.
 
 #![forbid(unsafe_code)]
 
@@ -22,17 +22,37 @@ pub enum PresenceChange {
     Unchanged,
 }
 
+/// The registry could not answer: in a cluster, no registry voter was
+/// reachable or no leader was elected within the client's deadline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryUnavailable(pub String);
+
+impl std::fmt::Display for RegistryUnavailable {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "the session registry is unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for RegistryUnavailable {}
+
+pub type RegistryResult<T> = Result<T, RegistryUnavailable>;
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Records a connection of `user` on `node_id`.
-    async fn connected(&self, user: &UserKey, node_id: &str) -> PresenceChange;
+    async fn connected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange>;
     /// Forgets one connection of `user` on `node_id`.
-    async fn disconnected(&self, user: &UserKey, node_id: &str) -> PresenceChange;
-    async fn is_online(&self, user: &UserKey) -> bool;
+    async fn disconnected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange>;
+    async fn is_online(&self, user: &UserKey) -> RegistryResult<bool>;
     /// Nodes where the user has at least one connection.
-    async fn nodes_of(&self, user: &UserKey) -> Vec<String>;
+    async fn nodes_of(&self, user: &UserKey) -> RegistryResult<Vec<String>>;
     /// Connections registered in all.
-    async fn connection_count(&self) -> usize;
+    async fn connection_count(&self) -> RegistryResult<usize>;
+    /// The gateway `node_id` is stopping: forget all its connections at once
+    /// (graceful shutdown deregisters instead of waiting for the lease).
+    async fn node_stopping(&self, node_id: &str) -> RegistryResult<()>;
+    /// What kind of registry this is, for /rs/health ("single-node", "raft").
+    fn kind(&self) -> &'static str;
 }
 
 /// The single-node registry: connection counts per user and node.
@@ -49,19 +69,19 @@ impl LocalRegistry {
 
 #[async_trait]
 impl Registry for LocalRegistry {
-    async fn connected(&self, user: &UserKey, node_id: &str) -> PresenceChange {
+    async fn connected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange> {
         let mut nodes = self.connections.entry(user.clone()).or_default();
         let was_online = !nodes.is_empty();
         match nodes.iter_mut().find(|(node, _)| node == node_id) {
             Some((_, count)) => *count += 1,
             None => nodes.push((node_id.to_owned(), 1)),
         }
-        if was_online { PresenceChange::Unchanged } else { PresenceChange::CameOnline }
+        Ok(if was_online { PresenceChange::Unchanged } else { PresenceChange::CameOnline })
     }
 
-    async fn disconnected(&self, user: &UserKey, node_id: &str) -> PresenceChange {
+    async fn disconnected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange> {
         let Some(mut nodes) = self.connections.get_mut(user) else {
-            return PresenceChange::Unchanged;
+            return Ok(PresenceChange::Unchanged);
         };
         if let Some(position) = nodes.iter().position(|(node, _)| node == node_id) {
             nodes[position].1 -= 1;
@@ -73,22 +93,38 @@ impl Registry for LocalRegistry {
         drop(nodes);
         if now_offline {
             self.connections.remove_if(user, |_, nodes| nodes.is_empty());
-            PresenceChange::WentOffline
+            Ok(PresenceChange::WentOffline)
         } else {
-            PresenceChange::Unchanged
+            Ok(PresenceChange::Unchanged)
         }
     }
 
-    async fn is_online(&self, user: &UserKey) -> bool {
-        self.connections.get(user).is_some_and(|nodes| !nodes.is_empty())
+    async fn is_online(&self, user: &UserKey) -> RegistryResult<bool> {
+        Ok(self.connections.get(user).is_some_and(|nodes| !nodes.is_empty()))
     }
 
-    async fn nodes_of(&self, user: &UserKey) -> Vec<String> {
-        self.connections.get(user).map(|nodes| nodes.iter().map(|(node, _)| node.clone()).collect()).unwrap_or_default()
+    async fn nodes_of(&self, user: &UserKey) -> RegistryResult<Vec<String>> {
+        Ok(self
+            .connections
+            .get(user)
+            .map(|nodes| nodes.iter().map(|(node, _)| node.clone()).collect())
+            .unwrap_or_default())
     }
 
-    async fn connection_count(&self) -> usize {
-        self.connections.iter().map(|entry| entry.value().iter().map(|(_, count)| count).sum::<usize>()).sum()
+    async fn connection_count(&self) -> RegistryResult<usize> {
+        Ok(self.connections.iter().map(|entry| entry.value().iter().map(|(_, count)| count).sum::<usize>()).sum())
+    }
+
+    async fn node_stopping(&self, node_id: &str) -> RegistryResult<()> {
+        for mut entry in self.connections.iter_mut() {
+            entry.value_mut().retain(|(node, _)| node != node_id);
+        }
+        self.connections.retain(|_, nodes| !nodes.is_empty());
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "single-node"
     }
 }
 
@@ -100,19 +136,19 @@ mod tests {
     async fn presence_follows_the_first_and_last_connection() {
         let registry = LocalRegistry::new();
         let alice = UserKey { application_id: "app".into(), user_id: "alice".into() };
-        assert_eq!(registry.connected(&alice, "node-1").await, PresenceChange::CameOnline);
-        assert_eq!(registry.connected(&alice, "node-1").await, PresenceChange::Unchanged);
-        assert_eq!(registry.connected(&alice, "node-2").await, PresenceChange::Unchanged);
-        assert_eq!(registry.connection_count().await, 3);
-        let mut nodes = registry.nodes_of(&alice).await;
+        assert_eq!(registry.connected(&alice, "node-1").await.unwrap(), PresenceChange::CameOnline);
+        assert_eq!(registry.connected(&alice, "node-1").await.unwrap(), PresenceChange::Unchanged);
+        assert_eq!(registry.connected(&alice, "node-2").await.unwrap(), PresenceChange::Unchanged);
+        assert_eq!(registry.connection_count().await.unwrap(), 3);
+        let mut nodes = registry.nodes_of(&alice).await.unwrap();
         nodes.sort();
         assert_eq!(nodes, vec!["node-1", "node-2"]);
-        assert_eq!(registry.disconnected(&alice, "node-1").await, PresenceChange::Unchanged);
-        assert_eq!(registry.disconnected(&alice, "node-2").await, PresenceChange::Unchanged);
-        assert!(registry.is_online(&alice).await);
-        assert_eq!(registry.disconnected(&alice, "node-1").await, PresenceChange::WentOffline);
-        assert!(!registry.is_online(&alice).await);
-        assert_eq!(registry.connection_count().await, 0);
+        assert_eq!(registry.disconnected(&alice, "node-1").await.unwrap(), PresenceChange::Unchanged);
+        assert_eq!(registry.disconnected(&alice, "node-2").await.unwrap(), PresenceChange::Unchanged);
+        assert!(registry.is_online(&alice).await.unwrap());
+        assert_eq!(registry.disconnected(&alice, "node-1").await.unwrap(), PresenceChange::WentOffline);
+        assert!(!registry.is_online(&alice).await.unwrap());
+        assert_eq!(registry.connection_count().await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -120,7 +156,21 @@ mod tests {
         let registry = LocalRegistry::new();
         let in_first = UserKey { application_id: "app-1".into(), user_id: "u".into() };
         let in_second = UserKey { application_id: "app-2".into(), user_id: "u".into() };
-        registry.connected(&in_first, "node").await;
-        assert!(!registry.is_online(&in_second).await);
+        registry.connected(&in_first, "node").await.unwrap();
+        assert!(!registry.is_online(&in_second).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_stopping_node_takes_its_connections_with_it() {
+        let registry = LocalRegistry::new();
+        let alice = UserKey { application_id: "app".into(), user_id: "alice".into() };
+        let bob = UserKey { application_id: "app".into(), user_id: "bob".into() };
+        registry.connected(&alice, "node-1").await.unwrap();
+        registry.connected(&alice, "node-2").await.unwrap();
+        registry.connected(&bob, "node-1").await.unwrap();
+        registry.node_stopping("node-1").await.unwrap();
+        assert_eq!(registry.nodes_of(&alice).await.unwrap(), vec!["node-2"]);
+        assert!(!registry.is_online(&bob).await.unwrap());
+        assert_eq!(registry.connection_count().await.unwrap(), 1);
     }
 }

@@ -42,6 +42,7 @@ async fn health(State(state): State<HealthState>) -> impl IntoResponse {
     let store_latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let store_ok = store_result.is_ok();
     let connections = state.registry.connection_count().await;
+    let registry_ok = connections.is_ok();
     let status = if store_ok { "ok" } else { "degraded" };
     let body = json!({
         "status": status,
@@ -54,7 +55,12 @@ async fn health(State(state): State<HealthState>) -> impl IntoResponse {
                 "error": store_result.err().map(|error| error.message),
             },
             "bus": {"ok": true, "kind": "in-process"},
-            "registry": {"ok": true, "kind": "single-node", "connections": connections},
+            "registry": {
+                "ok": registry_ok,
+                "kind": state.registry.kind(),
+                "connections": connections.as_ref().ok(),
+                "error": connections.as_ref().err().map(|error| error.to_string()),
+            },
         },
         // Field names of the original server's health answer.
         "mainDbOk": store_ok,

@@ -338,7 +338,10 @@ impl Connection {
                 Box::pin(self.gateway.bus.subscribe(&topic).into_stream()),
             );
             let key = UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
-            users.push(wire::Presence { online: self.gateway.registry.is_online(&key).await, user_id });
+            let online = self.gateway.registry.is_online(&key).await.map_err(|unavailable| {
+                Error::new(ErrorCode::Unavailable, format!("{unavailable}; watch presence again in a few seconds"))
+            })?;
+            users.push(wire::Presence { online, user_id });
         }
         Ok(server_frame::Body::Presence(wire::PresenceList { users }))
     }
@@ -515,8 +518,11 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         }
     };
     let user_key = UserKey { application_id: caller.application_id.clone(), user_id: user.id.clone() };
-    if gateway.registry.connected(&user_key, &gateway.config.node_id).await == PresenceChange::CameOnline {
-        publish_presence(&gateway, &user_key, true).await;
+    // A registry outage (a leader election) degrades presence, never the session.
+    match gateway.registry.connected(&user_key, &gateway.config.node_id).await {
+        Ok(PresenceChange::CameOnline) => publish_presence(&gateway, &user_key, true).await,
+        Ok(_) => {}
+        Err(unavailable) => tracing::warn!(%unavailable, "connection not recorded in the session registry"),
     }
     let mut connection = Connection {
         gateway: gateway.clone(),
@@ -564,8 +570,10 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     drop(connection);
     drop(queue);
     let _ = writer.await;
-    if gateway.registry.disconnected(&user_key, &gateway.config.node_id).await == PresenceChange::WentOffline {
-        publish_presence(&gateway, &user_key, false).await;
+    match gateway.registry.disconnected(&user_key, &gateway.config.node_id).await {
+        Ok(PresenceChange::WentOffline) => publish_presence(&gateway, &user_key, false).await,
+        Ok(_) => {}
+        Err(unavailable) => tracing::warn!(%unavailable, "disconnection not recorded in the session registry"),
     }
     metrics::gauge!("beseda_ws_connections").decrement(1.0);
 }
