@@ -44,9 +44,17 @@ pub enum Received {
 /// A subscription to one topic. Dropping it unsubscribes.
 pub struct Subscription {
     receiver: broadcast::Receiver<Arc<BusEvent>>,
+    /// Dropped with the subscription: lets a bus notice its last local
+    /// subscriber leaving (the Redis bus then unsubscribes the channel).
+    _release: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
+    /// A subscription fed by `receiver`; `release` is dropped when it is.
+    pub fn new(receiver: broadcast::Receiver<Arc<BusEvent>>, release: Option<Box<dyn Send + Sync>>) -> Self {
+        Subscription { receiver, _release: release }
+    }
+
     /// The next event, or `None` when the bus is gone.
     pub async fn recv(&mut self) -> Option<Received> {
         match self.receiver.recv().await {
@@ -68,7 +76,12 @@ impl Subscription {
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, topic: &Topic, event: BusEvent);
-    fn subscribe(&self, topic: &Topic) -> Subscription;
+    /// Returns once events published from now on will be received (for a
+    /// remote bus: once the broker confirmed the subscription, or once it is
+    /// known to be unreachable, in which case the subscription reports
+    /// [`Received::Lagged`] when it starts receiving, so the subscriber
+    /// resyncs from storage). Callers subscribe before reading the log.
+    async fn subscribe(&self, topic: &Topic) -> Subscription;
 }
 
 /// The embedded bus: one broadcast channel per topic with live subscribers.
@@ -101,10 +114,10 @@ impl Bus for InProcessBus {
         }
     }
 
-    fn subscribe(&self, topic: &Topic) -> Subscription {
+    async fn subscribe(&self, topic: &Topic) -> Subscription {
         let receiver =
             self.topics.entry(topic.clone()).or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0).subscribe();
-        Subscription { receiver }
+        Subscription::new(receiver, None)
     }
 }
 
@@ -141,8 +154,8 @@ mod tests {
     #[tokio::test]
     async fn subscribers_receive_events_in_publish_order() {
         let bus = InProcessBus::new();
-        let mut first = bus.subscribe(&topic());
-        let mut second = bus.subscribe(&topic());
+        let mut first = bus.subscribe(&topic()).await;
+        let mut second = bus.subscribe(&topic()).await;
         for seq in 1..=3 {
             bus.publish(&topic(), event(seq)).await;
         }
@@ -155,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_is_told_how_many_it_lost() {
         let bus = InProcessBus::new();
-        let mut slow = bus.subscribe(&topic());
+        let mut slow = bus.subscribe(&topic()).await;
         for seq in 1..=(TOPIC_CAPACITY as u64 + 5) {
             bus.publish(&topic(), event(seq)).await;
         }
@@ -169,7 +182,7 @@ mod tests {
     #[tokio::test]
     async fn topics_without_subscribers_are_dropped() {
         let bus = InProcessBus::new();
-        let subscription = bus.subscribe(&topic());
+        let subscription = bus.subscribe(&topic()).await;
         assert_eq!(bus.topic_count(), 1);
         drop(subscription);
         bus.publish(&topic(), event(1)).await;

@@ -304,7 +304,7 @@ impl Connection {
         // Subscribe before reading the log, so nothing committed in between is missed.
         self.streams.insert(
             StreamKey::Conversation(conversation.id.clone()),
-            Box::pin(self.gateway.bus.subscribe(&topic).into_stream()),
+            Box::pin(self.gateway.bus.subscribe(&topic).await.into_stream()),
         );
         let start = if subscribe.after_seq == 0 { conversation.last_seq } else { subscribe.after_seq };
         self.conversations.insert(conversation.id.clone(), start);
@@ -335,7 +335,7 @@ impl Connection {
                 Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
             self.streams.insert(
                 StreamKey::Presence(user_id.clone()),
-                Box::pin(self.gateway.bus.subscribe(&topic).into_stream()),
+                Box::pin(self.gateway.bus.subscribe(&topic).await.into_stream()),
             );
             let key = UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
             let online = self.gateway.registry.is_online(&key).await.map_err(|unavailable| {
@@ -534,11 +534,11 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         conversations: HashMap::new(),
     };
     let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
-    connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).into_stream()));
+    connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).await.into_stream()));
     let application_topic = Topic::Application { application_id: user_key.application_id.clone() };
     connection
         .streams
-        .insert(StreamKey::Application, Box::pin(gateway.bus.subscribe(&application_topic).into_stream()));
+        .insert(StreamKey::Application, Box::pin(gateway.bus.subscribe(&application_topic).await.into_stream()));
     let welcome = server_frame::Body::Welcome(wire::Welcome {
         protocol_version,
         server_version: beseda_routing::SERVER_VERSION.to_owned(),
