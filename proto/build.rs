@@ -5,7 +5,13 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["beseda/v1/types.proto", "beseda/v1/routing.proto", "beseda/v1/client.proto", "beseda/v1/bots.proto"];
+    let protos = [
+        "beseda/v1/types.proto",
+        "beseda/v1/routing.proto",
+        "beseda/v1/client.proto",
+        "beseda/v1/bots.proto",
+        "beseda/v1/registry.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -10,12 +10,16 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+pub mod redis;
+
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use beseda_proto::v1::BusEvent;
 use dashmap::DashMap;
 use tokio::sync::broadcast;
+
+pub use crate::redis::{RedisBus, RedisBusConfig};
 
 /// Events a slow subscriber may fall behind before it must resync.
 pub const TOPIC_CAPACITY: usize = 1024;
@@ -41,6 +45,20 @@ pub enum Received {
     Lagged(u64),
 }
 
+/// The one event a broker-backed bus sends on a topic's broadcast channel to
+/// tell every current subscriber that it may have missed events (the broker
+/// connection was lost, or a subscription was confirmed only after
+/// `subscribe` had returned). A `broadcast` channel can only report a lag by
+/// overflowing, so the bus sends this instead and [`Subscription::recv`]
+/// turns it into [`Received::Lagged`]. It is recognised by identity: no
+/// published event can be this allocation.
+static RESYNC_MARKER: LazyLock<Arc<BusEvent>> = LazyLock::new(|| Arc::new(BusEvent::default()));
+
+/// A handle on [`RESYNC_MARKER`] to send on a topic's channel.
+pub(crate) fn resync_marker() -> Arc<BusEvent> {
+    Arc::clone(&RESYNC_MARKER)
+}
+
 /// A subscription to one topic. Dropping it unsubscribes.
 pub struct Subscription {
     receiver: broadcast::Receiver<Arc<BusEvent>>,
@@ -58,6 +76,7 @@ impl Subscription {
     /// The next event, or `None` when the bus is gone.
     pub async fn recv(&mut self) -> Option<Received> {
         match self.receiver.recv().await {
+            Ok(event) if Arc::ptr_eq(&event, &RESYNC_MARKER) => Some(Received::Lagged(1)),
             Ok(event) => Some(Received::Event(event)),
             Err(broadcast::error::RecvError::Lagged(missed)) => Some(Received::Lagged(missed)),
             Err(broadcast::error::RecvError::Closed) => None,
@@ -138,6 +157,7 @@ mod tests {
                 seq,
                 ..Default::default()
             })),
+            ..Default::default()
         }
     }
 

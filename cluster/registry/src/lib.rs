@@ -4,6 +4,25 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+mod api;
+mod client;
+mod log_store;
+mod network;
+mod node;
+mod raft_types;
+mod router;
+pub mod state;
+mod state_machine;
+mod wire;
+
+pub use admin::{ClusterMember, ClusterStatus, GatewayLease};
+pub use api::ExpiredCallback;
+pub use client::{ClientConfig, RaftRegistryClient};
+pub use node::{RegistryNode, RegistryNodeConfig};
+pub use raft_types::{RegistryRaft, RegistryTypeConfig};
+pub use wire::{LEADER_ADDRESS_METADATA, LEADER_ID_METADATA};
+
 use async_trait::async_trait;
 use dashmap::DashMap;
 

@@ -26,6 +26,7 @@ pub mod outbound;
 pub mod policy;
 pub mod processing;
 pub mod relay;
+pub mod remote;
 pub mod signature;
 pub mod targets;
 pub mod webhook;

@@ -42,6 +42,8 @@ pub async fn run(service: BotsService, mut shutdown: watch::Receiver<bool>) {
 pub async fn relay_batch(service: &BotsService) -> Result<usize> {
     let store = service.store.as_ref();
     let batch = store.outbox_batch(BATCH).await?;
+    // Rows taken from the outbox in the last batch; a full batch means a backlog.
+    metrics::gauge!("beseda_bots_relay_batch").set(batch.len() as f64);
     if batch.is_empty() {
         return Ok(0);
     }

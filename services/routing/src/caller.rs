@@ -4,8 +4,10 @@
 
 use beseda_core::{Error, ErrorCode, Result};
 use beseda_proto::v1::Caller as WireCaller;
+use opentelemetry::trace::TraceContextExt;
 use prost::Message;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 const CALLER_KEY: &str = "x-beseda-caller-bin";
 
@@ -59,10 +61,14 @@ impl Caller {
         })
     }
 
-    /// Wraps a message in a request carrying this caller.
+    /// Wraps a message in a request carrying this caller and, when the
+    /// current span belongs to an OpenTelemetry trace, its W3C trace context
+    /// (`traceparent`, `tracestate`), so that a remote routing service
+    /// continues the trace.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.metadata_mut().insert_bin(CALLER_KEY, MetadataValue::from_bytes(&self.to_wire().encode_to_vec()));
+        inject_trace_context(request.metadata_mut());
         request
     }
 
@@ -81,6 +87,29 @@ impl Caller {
     }
 }
 
+/// Writes the current span's trace context into gRPC metadata through the
+/// global propagator. Costs one lookup when tracing is off: without a valid
+/// span context nothing is written.
+fn inject_trace_context(metadata: &mut MetadataMap) {
+    let context = tracing::Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return;
+    }
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(metadata))
+    });
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +123,34 @@ mod tests {
     #[test]
     fn a_request_without_caller_is_unauthenticated() {
         assert_eq!(Caller::from_request(&tonic::Request::new(())).unwrap_err().code, ErrorCode::Unauthenticated);
+    }
+
+    /// A subscriber that turns tracing spans into OpenTelemetry spans, as the
+    /// server's telemetry setup does.
+    fn traced() -> impl tracing::Subscriber {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+    }
+
+    #[test]
+    fn a_request_carries_the_trace_context_of_the_current_span() {
+        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        let caller = Caller { application_id: "app".into(), user_id: None, privileged: true };
+        tracing::subscriber::with_default(traced(), || {
+            let span = tracing::info_span!("ws.send_message");
+            let trace_id = span.context().span().span_context().trace_id();
+            let request = span.in_scope(|| caller.request(()));
+            let traceparent = request.metadata().get("traceparent").expect("traceparent").to_str().unwrap();
+            assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+            // Outside any span there is no trace to continue.
+            assert!(caller.request(()).metadata().get("traceparent").is_none());
+        });
+        // Without an OpenTelemetry layer no span has a context: nothing is sent.
+        let span = tracing::info_span!("ws.send_message");
+        let request = span.in_scope(|| caller.request(()));
+        assert!(request.metadata().get("traceparent").is_none());
+        assert!(request.metadata().get("tracestate").is_none());
     }
 }

@@ -16,7 +16,10 @@ use beseda_bus::{Bus, Topic};
 use beseda_core::{Error, ErrorCode};
 use beseda_proto::v1 as wire;
 use beseda_store::Store;
+use opentelemetry::trace::TraceContextExt;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub mod attempts;
 pub mod auth;
@@ -24,6 +27,7 @@ pub mod buttons;
 pub mod caller;
 pub mod conversations;
 pub mod convert;
+pub mod endpoints;
 pub mod grpc;
 pub mod mail;
 pub mod messages;
@@ -98,9 +102,10 @@ impl RoutingService {
         };
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),
+            trace_context: Default::default(),
             kind: Some(wire::bus_event::Kind::ConversationEvent(convert::event_to_wire(event))),
         };
-        self.bus.publish(&topic, bus_event).await;
+        self.publish(&topic, bus_event).await;
     }
 
     /// Tells every connection of the application to authenticate again.
@@ -108,23 +113,46 @@ impl RoutingService {
         let topic = Topic::Application { application_id: application_id.to_owned() };
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),
+            trace_context: Default::default(),
             kind: Some(wire::bus_event::Kind::ApplicationCredentialsChanged(wire::ApplicationCredentialsChanged {
                 reason: reason.to_owned(),
             })),
         };
-        self.bus.publish(&topic, bus_event).await;
+        self.publish(&topic, bus_event).await;
     }
 
     async fn publish_user_event(&self, application_id: &str, user_id: &str, kind: wire::user_event::Kind) {
         let topic = Topic::User { application_id: application_id.to_owned(), user_id: user_id.to_owned() };
         let bus_event = wire::BusEvent {
             application_id: application_id.to_owned(),
+            trace_context: Default::default(),
             kind: Some(wire::bus_event::Kind::UserEvent(wire::UserEvent {
                 user_id: user_id.to_owned(),
                 kind: Some(kind),
             })),
         };
-        self.bus.publish(&topic, bus_event).await;
+        self.publish(&topic, bus_event).await;
+    }
+
+    /// Publishes a committed event in a `bus.publish` span. The event carries
+    /// that span's trace context, so the gateway that delivers it continues
+    /// the trace (left empty when tracing is off).
+    async fn publish(&self, topic: &Topic, mut bus_event: wire::BusEvent) {
+        let topic_kind = match topic {
+            Topic::Conversation { .. } => "conversation",
+            Topic::User { .. } => "user",
+            Topic::Presence { .. } => "presence",
+            Topic::Application { .. } => "application",
+        };
+        let span = tracing::info_span!("bus.publish", topic_kind);
+        let context = span.context();
+        if context.span().span_context().is_valid() {
+            opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.inject_context(&context, &mut bus_event.trace_context)
+            });
+        }
+        self.bus.publish(topic, bus_event).instrument(span).await;
+        metrics::counter!("beseda_bus_published_events_total", "topic_kind" => topic_kind).increment(1);
     }
 }
 

@@ -10,6 +10,7 @@ use beseda_core::model::{
 use beseda_core::{Error, ErrorCode, Result, rules};
 use beseda_proto::v1 as wire;
 use beseda_store::{MessageQuery, NewMessage, UserQuery};
+use tracing::Instrument;
 
 use crate::conversations::ConversationSelector;
 use crate::{Caller, RoutingService, convert};
@@ -129,6 +130,7 @@ impl RoutingService {
     }
 
     /// SendMessage (СоздатьСообщение / Записать).
+    #[tracing::instrument(name = "routing.send_message", skip_all, fields(application_id = %caller.application_id))]
     pub async fn send_message(
         &self,
         caller: &Caller,
@@ -213,8 +215,11 @@ impl RoutingService {
             deleted: false,
         };
         let notify_user_ids = self.notification_targets(caller, &conversation, &message).await?;
-        let outcome =
-            self.store.append_message(&caller.application_id, &NewMessage { message, notify_user_ids }).await?;
+        let outcome = self
+            .store
+            .append_message(&caller.application_id, &NewMessage { message, notify_user_ids })
+            .instrument(tracing::info_span!("store.append_message"))
+            .await?;
         let Some(event) = &outcome.event else {
             metrics::counter!("beseda_messages_deduplicated_total").increment(1);
             return Ok(outcome.message);
@@ -286,6 +291,7 @@ impl RoutingService {
         Ok((conversation, message))
     }
 
+    #[tracing::instrument(name = "routing.edit_message", skip_all, fields(application_id = %caller.application_id))]
     pub async fn edit_message(&self, caller: &Caller, message_id: &str, edit: MessageEdit) -> Result<Message> {
         if edit.text.is_none() && edit.data.is_none() && edit.buttons.is_none() && !edit.clear_buttons {
             return Err(Error::new(
@@ -322,6 +328,7 @@ impl RoutingService {
         Ok(stored)
     }
 
+    #[tracing::instrument(name = "routing.delete_message", skip_all, fields(application_id = %caller.application_id))]
     pub async fn delete_message(&self, caller: &Caller, message_id: &str) -> Result<()> {
         let (_, message) = self.own_message(caller, message_id).await?;
         let (_, event) = self.store.delete_message(&caller.application_id, &message.id, now_micros()).await?;

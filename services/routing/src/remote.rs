@@ -1,47 +1,67 @@
-//! A routing service in another process, reached over gRPC. It implements the
+//! A routing service in other processes, reached over gRPC. It implements the
 //! same `Routing` trait as [`crate::RoutingService`], so the gateway holds an
 //! `Arc<dyn Routing>` and never knows where routing runs.
+
+use std::sync::Arc;
 
 use beseda_proto::v1 as wire;
 use beseda_proto::v1::routing_client::RoutingClient;
 use beseda_proto::v1::routing_server::Routing;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
-/// Forwards every call, metadata (the caller) included, to a remote routing node.
+use crate::endpoints::{ClusterClientConfig, EndpointPool};
+
+/// Forwards every call, metadata (the caller) included, to one of the
+/// routing instances (see [`crate::endpoints`] for how one is chosen).
 #[derive(Clone)]
 pub struct RemoteRouting {
-    client: RoutingClient<Channel>,
+    pool: Arc<EndpointPool<RoutingClient<Channel>>>,
 }
 
 impl RemoteRouting {
-    /// Connects lazily: the first call establishes the channel, and calls
-    /// fail with `unavailable` while the node cannot be reached.
-    pub fn connect_lazy(endpoint: &str) -> Result<Self, beseda_core::Error> {
-        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).map_err(|error| {
-            beseda_core::Error::invalid(
-                "routing.endpoint",
-                format!("`{endpoint}` is not a valid gRPC endpoint URL: {error}"),
-            )
-        })?;
-        Ok(RemoteRouting { client: RoutingClient::new(endpoint.connect_lazy()) })
+    /// Resolves the endpoints now; connections are made by the first calls,
+    /// which fail with `unavailable` while no instance can be reached.
+    pub async fn connect(endpoints: &[String], config: ClusterClientConfig) -> Result<Self, beseda_core::Error> {
+        Ok(RemoteRouting { pool: EndpointPool::start("routing", endpoints, config, RoutingClient::new).await? })
+    }
+
+    /// One endpoint with the default client settings.
+    pub async fn connect_one(endpoint: &str) -> Result<Self, beseda_core::Error> {
+        Self::connect(&[endpoint.to_owned()], ClusterClientConfig::default()).await
     }
 }
 
-macro_rules! forward {
-    ($( $method:ident ( $request:ty ) -> $response:ty; )*) => {
+/// Implements a tonic service trait by forwarding every call to a pool of
+/// remote instances (the struct has a `pool: Arc<EndpointPool<Client>>`
+/// field). Used for every service a process reaches over the network, so
+/// they all fail over and authenticate the same way.
+#[macro_export]
+macro_rules! forward_to_pool {
+    (impl $service:ident for $remote:ty { $( $method:ident ( $request:ty ) -> $response:ty; )* }) => {
         #[tonic::async_trait]
-        impl Routing for RemoteRouting {
+        impl $service for $remote {
             $(
-                async fn $method(&self, request: Request<$request>) -> Result<Response<$response>, Status> {
-                    self.client.clone().$method(request).await
+                async fn $method(
+                    &self,
+                    request: tonic::Request<$request>,
+                ) -> Result<tonic::Response<$response>, tonic::Status> {
+                    let (metadata, _, message) = request.into_parts();
+                    self.pool
+                        .call(|mut client| {
+                            let mut request =
+                                tonic::Request::from_parts(metadata.clone(), Default::default(), message.clone());
+                            self.pool.authorize(&mut request);
+                            async move { client.$method(request).await }
+                        })
+                        .await
                 }
             )*
         }
     };
 }
 
-forward! {
+crate::forward_to_pool! {
+impl Routing for RemoteRouting {
     authenticate(wire::AuthenticateRequest) -> wire::Authenticated;
     get_server_info(wire::Empty) -> wire::ServerInfo;
     request_registration(wire::RequestRegistrationRequest) -> wire::RequestRegistrationResponse;
@@ -80,4 +100,5 @@ forward! {
     set_do_not_disturb(wire::SetDoNotDisturbRequest) -> wire::DoNotDisturb;
     get_do_not_disturb(wire::GetDoNotDisturbRequest) -> wire::DoNotDisturb;
     get_unread_counts(wire::Empty) -> wire::UnreadCounts;
+}
 }

@@ -41,7 +41,7 @@ async fn remote_routing(directory: &tempfile::TempDir) -> (RemoteRouting, Applic
             .add_service(RoutingServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    (RemoteRouting::connect_lazy(&format!("http://{address}")).unwrap(), application)
+    (RemoteRouting::connect_one(&format!("http://{address}")).await.unwrap(), application)
 }
 
 fn user_token(application: &Application, infobase_id: &str, name: &str) -> String {
@@ -119,8 +119,47 @@ async fn an_unreachable_routing_node_is_a_typed_unavailable_error() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let routing = RemoteRouting::connect_lazy(&format!("http://127.0.0.1:{port}")).unwrap();
+    let routing = RemoteRouting::connect_one(&format!("http://127.0.0.1:{port}")).await.unwrap();
     let failure = routing.get_server_info(tonic::Request::new(wire::Empty {})).await.unwrap_err();
     assert_eq!(status::from_status(&failure).code, ErrorCode::Unavailable);
-    assert!(RemoteRouting::connect_lazy("not a url").is_err());
+    let misconfigured = RemoteRouting::connect_one("not a url").await.err().unwrap();
+    assert_eq!(misconfigured.code, ErrorCode::InvalidValue);
+    assert!(misconfigured.message.contains("http://host:port"), "{}", misconfigured.message);
+}
+
+#[tokio::test]
+async fn calls_move_on_from_an_instance_that_is_down() {
+    let directory = tempfile::tempdir().unwrap();
+    // The pool knows one dead and one live instance; round robin sends every
+    // other call to the dead one first, and each must still succeed.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let live_address = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(beseda_store::sqlite::SqliteStore::open(&directory.path().join("c.db")).unwrap());
+        let mailer = Arc::new(OutboxMailer::new(directory.path().join("outbox2"), "beseda@localhost").unwrap());
+        let service = RoutingService::new(
+            store,
+            Arc::new(InProcessBus::new()),
+            mailer,
+            RoutingConfig { public_url: "http://test".into() },
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RoutingServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        address
+    };
+    let routing = RemoteRouting::connect(
+        &[format!("http://{dead}"), format!("http://{live_address}")],
+        beseda_routing::endpoints::ClusterClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..6 {
+        let info = routing.get_server_info(tonic::Request::new(wire::Empty {})).await.unwrap().into_inner();
+        assert_eq!(info.server_version, beseda_routing::SERVER_VERSION);
+    }
 }

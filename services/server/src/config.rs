@@ -10,6 +10,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::roles::{Role, Roles};
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
@@ -23,6 +32,11 @@ pub struct ServerSection {
     pub node_id: String,
     /// Seconds to drain connections on shutdown.
     pub shutdown_grace_seconds: u64,
+    /// The services this process runs (docs/deploy.md); default: gateway,
+    /// routing and bots together.
+    pub roles: Roles,
+    /// Internal gRPC (routing, bots, registry) for the roles that serve it.
+    pub grpc_listen: SocketAddr,
 }
 
 impl Default for ServerSection {
@@ -33,6 +47,8 @@ impl Default for ServerSection {
             public_url: None,
             node_id: "node-1".into(),
             shutdown_grace_seconds: 10,
+            roles: Roles::default(),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 9087)),
         }
     }
 }
@@ -140,6 +156,95 @@ impl Default for BotsSection {
     }
 }
 
+/// How the processes of a cluster find each other.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Redis for the event bus between routing and gateways; without it the
+    /// bus is in-process, which only works when they share a process.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis channel, so several clusters can share one Redis.
+    pub redis_channel_prefix: String,
+    /// gRPC URLs of the routing instances (host names are resolved and every
+    /// address is used), for gateways and bots without a local routing role.
+    pub routing_endpoints: Vec<String>,
+    /// gRPC URLs of the bots instances, for gateways without a local bots role.
+    pub bots_endpoints: Vec<String>,
+    /// gRPC URLs of the registry voters, for gateways; without them presence
+    /// is known to this gateway only.
+    pub registry_endpoints: Vec<String>,
+    /// A shared secret the services present to each other on internal gRPC.
+    pub token: Option<String>,
+    /// Seconds between DNS resolutions of the endpoints' host names.
+    pub endpoint_refresh_seconds: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            redis_url: None,
+            redis_channel_prefix: "beseda".into(),
+            routing_endpoints: Vec::new(),
+            bots_endpoints: Vec::new(),
+            registry_endpoints: Vec::new(),
+            token: None,
+            endpoint_refresh_seconds: 10,
+        }
+    }
+}
+
+/// A registry voter (role `registry`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// This voter's id; when unset, the host name's trailing `-N` gives N+1
+    /// (what a Kubernetes StatefulSet's pod names provide).
+    pub id: Option<u64>,
+    /// The initial voters, "id=http://host:port" each, this one included.
+    pub peers: Vec<String>,
+    /// A gateway that has not renewed its lease for this long is dead: its
+    /// connections are dropped and its users' presence turns offline.
+    pub gateway_lease_seconds: u64,
+    pub heartbeat_milliseconds: u64,
+    /// Minimum election timeout; the maximum is twice this.
+    pub election_timeout_milliseconds: u64,
+    /// Raft log entries between snapshots.
+    pub snapshot_every_entries: u64,
+    /// How long a gateway gathers connects and disconnects into one Raft entry.
+    pub batch_window_milliseconds: u64,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            id: None,
+            peers: Vec::new(),
+            gateway_lease_seconds: 10,
+            heartbeat_milliseconds: 250,
+            election_timeout_milliseconds: 1000,
+            snapshot_every_entries: 5000,
+            batch_window_milliseconds: 5,
+        }
+    }
+}
+
+/// OpenTelemetry traces.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// OTLP/gRPC collector, e.g. http://otel-collector:4317; tracing export
+    /// is off without it.
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of traces sampled, 0.0 to 1.0.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection { otlp_endpoint: None, sample_ratio: 1.0 }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -164,7 +269,14 @@ pub struct NodeConfig {
     pub mail: MailSection,
     pub gateway: GatewaySection,
     pub bots: BotsSection,
+    pub cluster: ClusterSection,
+    pub registry: RegistrySection,
+    pub telemetry: TelemetrySection,
     pub log: LogSection,
+}
+
+fn parse_list(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
 }
 
 fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> anyhow::Result<T>
@@ -225,6 +337,28 @@ impl NodeConfig {
                 "BOTS_OUTBOUND_ALLOW_PRIVATE_ADDRESSES" => {
                     config.bots.outbound_allow_private_addresses = parse_env(name, value)?
                 }
+                "ROLES" => config.server.roles = Roles::parse(value).with_context(|| format!("{name} is invalid"))?,
+                "GRPC_LISTEN" => config.server.grpc_listen = parse_env(name, value)?,
+                "REDIS_URL" => config.cluster.redis_url = Some(value.clone()),
+                "REDIS_CHANNEL_PREFIX" => config.cluster.redis_channel_prefix = value.clone(),
+                "ROUTING_ENDPOINTS" => config.cluster.routing_endpoints = parse_list(value),
+                "BOTS_ENDPOINTS" => config.cluster.bots_endpoints = parse_list(value),
+                "REGISTRY_ENDPOINTS" => config.cluster.registry_endpoints = parse_list(value),
+                "CLUSTER_TOKEN" => config.cluster.token = Some(value.clone()),
+                "ENDPOINT_REFRESH_SECONDS" => config.cluster.endpoint_refresh_seconds = parse_env(name, value)?,
+                "REGISTRY_ID" => config.registry.id = Some(parse_env(name, value)?),
+                "REGISTRY_PEERS" => config.registry.peers = parse_list(value),
+                "REGISTRY_GATEWAY_LEASE_SECONDS" => config.registry.gateway_lease_seconds = parse_env(name, value)?,
+                "REGISTRY_HEARTBEAT_MILLISECONDS" => config.registry.heartbeat_milliseconds = parse_env(name, value)?,
+                "REGISTRY_ELECTION_TIMEOUT_MILLISECONDS" => {
+                    config.registry.election_timeout_milliseconds = parse_env(name, value)?
+                }
+                "REGISTRY_SNAPSHOT_EVERY_ENTRIES" => config.registry.snapshot_every_entries = parse_env(name, value)?,
+                "REGISTRY_BATCH_WINDOW_MILLISECONDS" => {
+                    config.registry.batch_window_milliseconds = parse_env(name, value)?
+                }
+                "OTLP_ENDPOINT" => config.telemetry.otlp_endpoint = Some(value.clone()),
+                "TRACE_SAMPLE_RATIO" => config.telemetry.sample_ratio = parse_env(name, value)?,
                 "LOG_FORMAT" => config.log.format = value.clone(),
                 "LOG" => config.log.filter = value.clone(),
                 // Variables of other tools (tests, CI, the load generator) share the prefix.
@@ -267,7 +401,111 @@ impl NodeConfig {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
         }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            bail!("telemetry.sample_ratio must be between 0.0 and 1.0");
+        }
+        self.validate_roles()
+    }
+
+    /// The combinations of roles and endpoints that can work.
+    fn validate_roles(&self) -> anyhow::Result<()> {
+        let roles = &self.server.roles;
+        let cluster = &self.cluster;
+        let split = !roles.is_all_in_one();
+        if roles.has(Role::Gateway) && !roles.has(Role::Routing) && cluster.routing_endpoints.is_empty() {
+            bail!(
+                "a gateway without the routing role needs cluster.routing_endpoints (BESEDA_ROUTING_ENDPOINTS), the routing instances' gRPC URLs"
+            );
+        }
+        if roles.has(Role::Bots) && !roles.has(Role::Routing) && cluster.routing_endpoints.is_empty() {
+            bail!("the bots role without the routing role needs cluster.routing_endpoints (BESEDA_ROUTING_ENDPOINTS)");
+        }
+        if roles.has(Role::Gateway) && !roles.has(Role::Bots) && cluster.bots_endpoints.is_empty() {
+            bail!(
+                "a gateway without the bots role needs cluster.bots_endpoints (BESEDA_BOTS_ENDPOINTS), the bots instances' gRPC URLs"
+            );
+        }
+        if split && (roles.has(Role::Gateway) || roles.has(Role::Routing)) && cluster.redis_url.is_none() {
+            bail!(
+                "gateways and routing in separate processes exchange events through Redis: set cluster.redis_url (BESEDA_REDIS_URL)"
+            );
+        }
+        if split && roles.needs_store() && self.store.backend == StoreBackend::Embedded {
+            bail!(
+                "routing and bots in separate processes share one database: set store.backend = \"postgres\" (BESEDA_POSTGRES_URL); the embedded store belongs to one process"
+            );
+        }
+        if roles.has(Role::Registry) {
+            self.registry_peers()?;
+            self.registry_id()?;
+        }
+        if self.cluster.endpoint_refresh_seconds == 0 {
+            bail!("cluster.endpoint_refresh_seconds must be at least 1");
+        }
+        let registry = &self.registry;
+        if registry.gateway_lease_seconds == 0 || registry.heartbeat_milliseconds == 0 {
+            bail!("registry.gateway_lease_seconds and registry.heartbeat_milliseconds must be at least 1");
+        }
+        if registry.election_timeout_milliseconds < 3 * registry.heartbeat_milliseconds {
+            bail!(
+                "registry.election_timeout_milliseconds must be at least three heartbeats (3 × registry.heartbeat_milliseconds), or followers start elections against a live leader"
+            );
+        }
         Ok(())
+    }
+
+    /// The registry voters: id → gRPC URL.
+    pub fn registry_peers(&self) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+        let mut peers = std::collections::BTreeMap::new();
+        for peer in &self.registry.peers {
+            let Some((id, url)) = peer.split_once('=') else {
+                bail!("registry.peers entry {peer:?} must look like 1=http://registry-0:9087");
+            };
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("registry.peers entry {peer:?}: the id must be a number"))?;
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                bail!("registry.peers entry {peer:?}: the address must be an http:// or https:// gRPC URL");
+            }
+            if peers.insert(id, url.trim().to_owned()).is_some() {
+                bail!("registry.peers names voter {id} twice");
+            }
+        }
+        if peers.is_empty() {
+            bail!(
+                "the registry role needs registry.peers (BESEDA_REGISTRY_PEERS), e.g. 1=http://r0:9087,2=http://r1:9087,3=http://r2:9087"
+            );
+        }
+        if peers.len() % 2 == 0 {
+            tracing::warn!(
+                voters = peers.len(),
+                "an even number of registry voters tolerates no more failures than one fewer"
+            );
+        }
+        Ok(peers)
+    }
+
+    /// This voter's id: configured, or the StatefulSet ordinal + 1.
+    pub fn registry_id(&self) -> anyhow::Result<u64> {
+        let id = match self.registry.id {
+            Some(id) => id,
+            None => {
+                let host = hostname();
+                let ordinal = host.rsplit_once('-').and_then(|(_, ordinal)| ordinal.parse::<u64>().ok());
+                match ordinal {
+                    Some(ordinal) => ordinal + 1,
+                    None => bail!(
+                        "registry.id (BESEDA_REGISTRY_ID) is not set and the host name {host:?} does not end in -N to derive it from"
+                    ),
+                }
+            }
+        };
+        let peers = self.registry_peers()?;
+        if !peers.contains_key(&id) {
+            bail!("this registry voter's id {id} is not among registry.peers ({:?})", peers.keys().collect::<Vec<_>>());
+        }
+        Ok(id)
     }
 
     pub fn public_url(&self) -> String {
@@ -292,6 +530,33 @@ impl NodeConfig {
             public_url: self.public_url(),
             allow_private_targets: bots.outbound_allow_private_addresses,
         }
+    }
+
+    /// How a gateway talks to the registry voters.
+    pub fn registry_client_config(&self) -> beseda_registry::ClientConfig {
+        let lease = Duration::from_secs(self.registry.gateway_lease_seconds);
+        beseda_registry::ClientConfig {
+            batch_window: Duration::from_millis(self.registry.batch_window_milliseconds),
+            // Three renewals per lease: one lost heartbeat never expires a live gateway.
+            heartbeat_interval: lease / 3,
+            lease,
+            ..Default::default()
+        }
+    }
+
+    /// This process's registry voter.
+    pub fn registry_node_config(&self) -> anyhow::Result<beseda_registry::RegistryNodeConfig> {
+        let registry = &self.registry;
+        let mut node = beseda_registry::RegistryNodeConfig::new(
+            self.registry_id()?,
+            self.server.data_dir.join("registry"),
+            self.registry_peers()?,
+        );
+        node.heartbeat_interval = Duration::from_millis(registry.heartbeat_milliseconds);
+        node.election_timeout = Duration::from_millis(registry.election_timeout_milliseconds);
+        node.gateway_lease = Duration::from_secs(registry.gateway_lease_seconds);
+        node.snapshot_every_entries = registry.snapshot_every_entries;
+        Ok(node)
     }
 
     pub fn gateway_config(&self) -> beseda_sessions::GatewayConfig {
@@ -339,6 +604,48 @@ mod tests {
         assert!(NodeConfig::load(None, &typo).is_err());
         let tools = vec![("BESEDA_LOADTEST_APPLICATION_KEY".to_owned(), "k".to_owned())];
         assert!(NodeConfig::load(None, &tools).is_ok(), "the load generator's variables are not the server's");
+    }
+
+    #[test]
+    fn split_roles_say_what_they_need() {
+        let gateway = vec![("BESEDA_ROLES".to_owned(), "gateway".to_owned())];
+        let error = NodeConfig::load(None, &gateway).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("BESEDA_ROUTING_ENDPOINTS"), "{error}");
+        let mut environment = gateway.clone();
+        environment.push(("BESEDA_ROUTING_ENDPOINTS".into(), "http://r1:9087, http://r2:9087".into()));
+        environment.push(("BESEDA_BOTS_ENDPOINTS".into(), "http://b:9087".into()));
+        let error = NodeConfig::load(None, &environment).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("BESEDA_REDIS_URL"), "{error}");
+        environment.push(("BESEDA_REDIS_URL".into(), "redis://127.0.0.1:6379".into()));
+        let config = NodeConfig::load(None, &environment).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.cluster.routing_endpoints, vec!["http://r1:9087", "http://r2:9087"]);
+
+        let routing = vec![
+            ("BESEDA_ROLES".to_owned(), "routing".to_owned()),
+            ("BESEDA_REDIS_URL".to_owned(), "redis://127.0.0.1:6379".to_owned()),
+        ];
+        let error = NodeConfig::load(None, &routing).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("postgres"), "{error}");
+    }
+
+    #[test]
+    fn registry_voters_are_checked() {
+        let mut environment = vec![
+            ("BESEDA_ROLES".to_owned(), "registry".to_owned()),
+            ("BESEDA_REGISTRY_PEERS".to_owned(), "1=http://a:9087,2=http://b:9087,3=http://c:9087".to_owned()),
+            ("BESEDA_REGISTRY_ID".to_owned(), "2".to_owned()),
+        ];
+        let config = NodeConfig::load(None, &environment).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.registry_id().unwrap(), 2);
+        assert_eq!(config.registry_peers().unwrap().len(), 3);
+        environment[2].1 = "7".into();
+        let error = NodeConfig::load(None, &environment).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("not among registry.peers"), "{error}");
+        environment[1].1 = "1=a:9087".into();
+        let error = NodeConfig::load(None, &environment).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("gRPC URL"), "{error}");
     }
 
     #[test]

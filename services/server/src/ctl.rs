@@ -60,6 +60,14 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 3600)]
         ttl_seconds: i64,
     },
+    /// Operates the session registry's Raft voters (docs/deploy.md).
+    Registry {
+        /// gRPC URL of any voter; calls are routed to the leader.
+        #[arg(long, default_value = "http://127.0.0.1:9087")]
+        endpoint: String,
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
     /// Prints the newest e-mail to an address from the embedded outbox.
     Outbox {
         #[arg(long)]
@@ -67,6 +75,44 @@ pub enum CtlCommand {
         #[arg(long, default_value = "data/outbox")]
         outbox_dir: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegistryCommand {
+    /// Leader, term, log indexes, membership and live gateways, as JSON.
+    Status,
+    /// Adds a node as a learner: it receives the log (or a snapshot) but
+    /// does not vote until `change-membership` makes it a voter.
+    AddLearner {
+        #[arg(long)]
+        id: u64,
+        /// The new node's gRPC URL, e.g. http://registry-3.registry:9087
+        #[arg(long)]
+        address: String,
+    },
+    /// Sets the voters, e.g. --voters 1,2,3,4,5 (learners among them are promoted).
+    ChangeMembership {
+        #[arg(long, value_delimiter = ',', required = true)]
+        voters: Vec<u64>,
+    },
+}
+
+async fn registry(endpoint: &str, command: &RegistryCommand) -> anyhow::Result<i32> {
+    match command {
+        RegistryCommand::Status => {
+            let status = beseda_registry::admin::status(endpoint).await?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        RegistryCommand::AddLearner { id, address } => {
+            beseda_registry::admin::add_learner(endpoint, *id, address).await?;
+            println!("node {id} ({address}) is a learner; make it a voter with change-membership");
+        }
+        RegistryCommand::ChangeMembership { voters } => {
+            beseda_registry::admin::change_membership(endpoint, voters.iter().copied().collect()).await?;
+            println!("voters are now {voters:?}");
+        }
+    }
+    Ok(0)
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -123,6 +169,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<i32> {
             println!("{token}");
             Ok(0)
         }
+        CtlCommand::Registry { endpoint, command } => registry(endpoint, command).await,
         CtlCommand::Outbox { email, outbox_dir } => match beseda_routing::mail::latest_outbox_body(outbox_dir, email) {
             Some(body) => {
                 println!("{body}");

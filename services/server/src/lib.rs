@@ -7,3 +7,6 @@ pub mod app;
 pub mod config;
 pub mod ctl;
 pub mod health;
+pub mod internal_grpc;
+pub mod roles;
+pub mod telemetry;

@@ -13,7 +13,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs the server (every service in one process on the embedded defaults).
+    /// Runs the server: by default every service in one process on the
+    /// embedded defaults; with --role, the given services of a cluster.
     Serve {
         /// TOML configuration file (optional; see docs/configuration.md).
         #[arg(long)]
@@ -24,26 +25,16 @@ enum Command {
         /// Data directory (overrides the config).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Services to run: gateway, routing, bots, registry or all;
+        /// repeat or separate with commas (overrides the config; docs/deploy.md).
+        #[arg(long = "role", value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Address for internal gRPC (overrides the config).
+        #[arg(long)]
+        grpc_listen: Option<std::net::SocketAddr>,
     },
     /// Calls the API from the command line.
     Ctl(beseda::ctl::CtlArgs),
-}
-
-fn init_logging(format: &str, filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // Colour only for a person at a terminal, never in files or log collectors.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn shutdown_signal() {
@@ -66,11 +57,17 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-async fn serve(
+/// What `beseda serve` was given on its command line.
+struct ServeFlags {
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     data_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
+    roles: Vec<String>,
+    grpc_listen: Option<std::net::SocketAddr>,
+}
+
+async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    let ServeFlags { config, listen, data_dir, roles, grpc_listen } = flags;
     let environment: Vec<(String, String)> =
         std::env::vars().filter(|(name, _)| !name.starts_with("BESEDA_CTL_")).collect();
     let mut config = beseda::config::NodeConfig::load(config.as_deref(), &environment)?;
@@ -80,23 +77,45 @@ async fn serve(
     if let Some(data_dir) = data_dir {
         config.server.data_dir = data_dir;
     }
+    if !roles.is_empty() {
+        config.server.roles = beseda::roles::Roles::parse(&roles.join(","))?;
+    }
+    if let Some(grpc_listen) = grpc_listen {
+        config.server.grpc_listen = grpc_listen;
+    }
     config.validate()?;
-    init_logging(&config.log.format, &config.log.filter);
+    // Logs, and traces when an OTLP endpoint is configured (docs/observability.md).
+    let telemetry = beseda::telemetry::init(&config)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.server.listen))?;
     let address = listener.local_addr()?;
-    println!("Beseda {} is starting", env!("CARGO_PKG_VERSION"));
-    println!("  HTTP API:   http://{address}/api/v1   (OpenAPI: http://{address}/api/openapi.json)");
-    println!("  WebSocket:  ws://{address}/ws");
-    println!("  Health:     http://{address}/rs/health    Metrics: http://{address}/metrics");
-    println!("  Data:       {}", config.server.data_dir.display());
-    match &config.mail.smtp_url {
-        Some(_) => println!("  Mail:       through the configured SMTP relay"),
-        None => println!("  Mail:       written to {} (no SMTP relay configured)", config.outbox_dir().display()),
+    use beseda::roles::Role;
+    let roles = &config.server.roles;
+    println!("Beseda {} is starting ({roles})", env!("CARGO_PKG_VERSION"));
+    if roles.has(Role::Gateway) {
+        println!("  HTTP API:   http://{address}/api/v1   (OpenAPI: http://{address}/api/openapi.json)");
+        println!("  WebSocket:  ws://{address}/ws");
     }
-    println!("  No administrator password exists: applications register by e-mail (docs/api.md, Registration).");
-    beseda::app::run(config, listener, shutdown_signal()).await
+    println!("  Health:     http://{address}/rs/health    Metrics: http://{address}/metrics");
+    if beseda::internal_grpc::serves(&config) {
+        println!("  gRPC:       {} (internal)", config.server.grpc_listen);
+    }
+    if roles.needs_store() || roles.has(Role::Registry) {
+        println!("  Data:       {}", config.server.data_dir.display());
+    }
+    if roles.has(Role::Routing) {
+        match &config.mail.smtp_url {
+            Some(_) => println!("  Mail:       through the configured SMTP relay"),
+            None => println!("  Mail:       written to {} (no SMTP relay configured)", config.outbox_dir().display()),
+        }
+    }
+    if roles.has(Role::Gateway) {
+        println!("  No administrator password exists: applications register by e-mail (docs/api.md, Registration).");
+    }
+    let served = beseda::app::run(config, listener, shutdown_signal()).await;
+    telemetry.shutdown().await;
+    served
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,7 +129,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config, listen, data_dir } => serve(config, listen, data_dir).await.map(|()| 0),
+            Command::Serve { config, listen, data_dir, roles, grpc_listen } => {
+                serve(ServeFlags { config, listen, data_dir, roles, grpc_listen }).await.map(|()| 0)
+            }
             Command::Ctl(args) => beseda::ctl::run(args).await,
         }
     });

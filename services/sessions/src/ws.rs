@@ -52,6 +52,10 @@ enum StreamKey {
 
 type BusStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Received> + Send>>;
 
+/// Longer than any live delivery: a larger gap between an event's `at` and
+/// its push is a backdated message, not latency.
+const MAX_FANOUT_LATENCY: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub async fn upgrade(State(gateway): State<Gateway>, upgrade: WebSocketUpgrade) -> Response {
     upgrade
         .read_buffer_size(crate::READ_BUFFER_BYTES)
@@ -110,13 +114,16 @@ async fn write_frames(
     mut sink: futures_util::stream::SplitSink<WebSocket, WsMessage>,
     mut queue: mpsc::Receiver<WsMessage>,
 ) {
+    let is_data = |message: &WsMessage| u64::from(matches!(message, WsMessage::Text(_) | WsMessage::Binary(_)));
     while let Some(first) = queue.recv().await {
         let closing = matches!(first, WsMessage::Close(_));
+        let mut data_frames = is_data(&first);
         if sink.feed(first).await.is_err() {
             return;
         }
         while !closing && let Ok(next) = queue.try_recv() {
             let is_close = matches!(next, WsMessage::Close(_));
+            data_frames += is_data(&next);
             if sink.feed(next).await.is_err() {
                 return;
             }
@@ -124,6 +131,7 @@ async fn write_frames(
                 break;
             }
         }
+        metrics::counter!("beseda_ws_frames_out_total").increment(data_frames);
         if sink.flush().await.is_err() || closing {
             let _ = sink.close().await;
             return;
@@ -224,6 +232,21 @@ impl Connection {
         }
         self.push(server_frame::Body::Event(event.clone()))?;
         self.conversations.insert(event.conversation_id.clone(), event.seq);
+        // From the commit (`at`) to this connection's queue. Backdated
+        // messages (privileged `date`) and clock skew would read as hours or
+        // as negative, so only plausible latencies are recorded.
+        if let Some(at) = &event.at {
+            let committed = std::time::UNIX_EPOCH
+                + std::time::Duration::new(
+                    u64::try_from(at.seconds).unwrap_or(0),
+                    u32::try_from(at.nanos).unwrap_or(0),
+                );
+            if let Ok(latency) = std::time::SystemTime::now().duration_since(committed)
+                && latency <= MAX_FANOUT_LATENCY
+            {
+                metrics::histogram!("beseda_fanout_latency_seconds").record(latency.as_secs_f64());
+            }
+        }
         Ok(())
     }
 
@@ -248,7 +271,15 @@ impl Connection {
             }
             Received::Event(event) => match &event.kind {
                 Some(wire::bus_event::Kind::ConversationEvent(conversation_event)) => {
-                    self.on_conversation_event(conversation_event).await
+                    // The publisher's trace continues here, through the context the event carries.
+                    let span = tracing::info_span!("gateway.deliver", seq = conversation_event.seq);
+                    if !event.trace_context.is_empty() {
+                        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                            propagator.extract(&event.trace_context)
+                        });
+                        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+                    }
+                    tracing::Instrument::instrument(self.on_conversation_event(conversation_event), span).await
                 }
                 Some(wire::bus_event::Kind::UserEvent(user_event)) => {
                     if matches!(user_event.kind, Some(wire::user_event::Kind::Blocked(_)))
@@ -366,7 +397,14 @@ impl Connection {
             In::WatchPresence(watch) => return self.watch_presence(watch).await,
             In::Ping(ping) => Out::Pong(ping),
             In::SendMessage(request) => {
-                Out::Message(routing.send_message(caller.request(request)).await.map_err(grpc)?.into_inner())
+                let span = tracing::info_span!("ws.send_message");
+                let sent = tracing::Instrument::instrument(
+                    async { routing.send_message(caller.request(request)).await.map_err(grpc) },
+                    span,
+                )
+                .await?;
+                metrics::counter!("beseda_messages_received_total").increment(1);
+                Out::Message(sent.into_inner())
             }
             In::EditMessage(request) => {
                 Out::Message(routing.edit_message(caller.request(request)).await.map_err(grpc)?.into_inner())
@@ -477,15 +515,22 @@ async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Re
 }
 
 async fn publish_presence(gateway: &Gateway, user: &UserKey, online: bool) {
+    publish_presence_change(gateway.bus.as_ref(), user, online).await;
+}
+
+/// Tells the watchers of `user` that they came online or went offline (also
+/// used by the registry when a dead gateway's connections are purged).
+pub async fn publish_presence_change(bus: &dyn beseda_bus::Bus, user: &UserKey, online: bool) {
     let topic = Topic::Presence { application_id: user.application_id.clone(), user_id: user.user_id.clone() };
     let event = wire::BusEvent {
         application_id: user.application_id.clone(),
+        trace_context: Default::default(),
         kind: Some(wire::bus_event::Kind::UserEvent(wire::UserEvent {
             user_id: user.user_id.clone(),
             kind: Some(wire::user_event::Kind::Presence(wire::Presence { user_id: user.user_id.clone(), online })),
         })),
     };
-    gateway.bus.publish(&topic, event).await;
+    bus.publish(&topic, event).await;
 }
 
 async fn serve_connection(gateway: Gateway, socket: WebSocket) {
@@ -518,12 +563,20 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         }
     };
     let user_key = UserKey { application_id: caller.application_id.clone(), user_id: user.id.clone() };
-    // A registry outage (a leader election) degrades presence, never the session.
-    match gateway.registry.connected(&user_key, &gateway.config.node_id).await {
-        Ok(PresenceChange::CameOnline) => publish_presence(&gateway, &user_key, true).await,
-        Ok(_) => {}
-        Err(unavailable) => tracing::warn!(%unavailable, "connection not recorded in the session registry"),
-    }
+    // Recorded in the background: a registry outage (a leader election)
+    // delays presence, never the session. The disconnect waits for it, so the
+    // registry sees the two in order.
+    let recorded = tokio::spawn({
+        let gateway = gateway.clone();
+        let user_key = user_key.clone();
+        async move {
+            match gateway.registry.connected(&user_key, &gateway.config.node_id).await {
+                Ok(PresenceChange::CameOnline) => publish_presence(&gateway, &user_key, true).await,
+                Ok(_) => {}
+                Err(unavailable) => tracing::warn!(%unavailable, "connection not recorded in the session registry"),
+            }
+        }
+    });
     let mut connection = Connection {
         gateway: gateway.clone(),
         caller,
@@ -570,6 +623,7 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     drop(connection);
     drop(queue);
     let _ = writer.await;
+    let _ = recorded.await;
     match gateway.registry.disconnected(&user_key, &gateway.config.node_id).await {
         Ok(PresenceChange::WentOffline) => publish_presence(&gateway, &user_key, false).await,
         Ok(_) => {}

@@ -185,6 +185,7 @@ async fn publish(harness: &Harness, event: &beseda_core::model::ConversationEven
             &topic,
             wire::BusEvent {
                 application_id: harness.application_id.clone(),
+                trace_context: Default::default(),
                 kind: Some(wire::bus_event::Kind::ConversationEvent(wire_event)),
             },
         )

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod processing;
 
 use std::path::PathBuf;
@@ -88,6 +89,20 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         server
+    }
+
+    /// A handle on a server running elsewhere (another process), for the
+    /// same helpers; `outbox` is where its routing writes mail.
+    pub fn remote(base_url: &str, outbox: PathBuf) -> TestServer {
+        TestServer {
+            base_url: base_url.to_owned(),
+            ws_url: format!("{}/ws", base_url.replacen("http://", "ws://", 1)),
+            outbox,
+            data_dir: tempfile::tempdir().expect("temporary directory"),
+            shutdown: None,
+            task: None,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Stops the node and returns its data directory.
@@ -280,7 +295,19 @@ impl Client {
 
     /// Connects and sends `hello` as the first frame; returns the error frame when refused.
     pub async fn try_connect(server: &TestServer, hello: Value) -> Result<Client, Value> {
-        let (mut socket, _) = tokio_tungstenite::connect_async(&server.ws_url).await.expect("websocket connect");
+        Self::try_connect_url(&server.ws_url, hello).await
+    }
+
+    /// Connects to any gateway's WebSocket URL and says Hello.
+    pub async fn connect_url(ws_url: &str, token: &str) -> Client {
+        match Self::try_connect_url(ws_url, json!({"hello": {"protocolVersion": 1, "token": token}})).await {
+            Ok(client) => client,
+            Err(error) => panic!("not welcomed: {error}"),
+        }
+    }
+
+    pub async fn try_connect_url(ws_url: &str, hello: Value) -> Result<Client, Value> {
+        let (mut socket, _) = tokio_tungstenite::connect_async(ws_url).await.expect("websocket connect");
         socket.send(WsMessage::Text(hello.to_string().into())).await.unwrap();
         let first = next_json(&mut socket).await.expect("an answer to hello");
         if first.get("welcome").is_some() {
@@ -367,6 +394,15 @@ impl Client {
         while let Ok(Some(push)) = tokio::time::timeout_at(deadline, next_json(&mut self.socket)).await {
             assert!(push.get("userEvent").and_then(|event| event.get(kind)).is_none(), "unexpected {kind}: {push}");
         }
+    }
+
+    /// The next frame of any kind, or None when the server closed the socket
+    /// (or nothing came within `within`).
+    pub async fn next_frame_within(&mut self, within: Duration) -> Option<Value> {
+        if let Some(push) = self.pushes.pop_front() {
+            return Some(push);
+        }
+        tokio::time::timeout(within, next_json(&mut self.socket)).await.ok().flatten()
     }
 
     pub async fn close(mut self) {

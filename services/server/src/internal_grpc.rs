@@ -1,0 +1,105 @@
+//! The process's internal gRPC server: `beseda.v1.Routing`, `Bots`,
+//! `BotProcessing` and the registry's services, for whichever of those roles
+//! the process has. Internal only: callers are other Beseda processes, who
+//! present the cluster token when one is configured. The public edge is the
+//! gateway's HTTP and WebSocket.
+
+use beseda_bots::BotsService;
+use beseda_bots::grpc::ProcessingGrpc;
+use beseda_proto::v1::bot_processing_server::BotProcessingServer;
+use beseda_proto::v1::bots_server::BotsServer;
+use beseda_proto::v1::routing_server::RoutingServer;
+use beseda_registry::RegistryNode;
+use beseda_routing::RoutingService;
+use beseda_routing::endpoints::TokenCheck;
+use tokio::net::TcpListener;
+
+use crate::config::NodeConfig;
+use crate::roles::Role;
+
+/// The largest message accepted on internal gRPC: a message with its 100 KB
+/// of data and 4,000 characters fits many times over, and a page of 250
+/// messages does too.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Whether this process serves internal gRPC: a registry voter always; routing
+/// and bots when other processes call them (the roles are split).
+pub fn serves(config: &NodeConfig) -> bool {
+    let roles = &config.server.roles;
+    roles.has(Role::Registry) || (!roles.is_all_in_one() && (roles.has(Role::Routing) || roles.has(Role::Bots)))
+}
+
+pub fn routes(
+    config: &NodeConfig,
+    routing: Option<RoutingService>,
+    bots: Option<BotsService>,
+    registry: Option<&RegistryNode>,
+) -> tonic::service::Routes {
+    let check = TokenCheck::new(config.cluster.token.as_deref());
+    // The registry's services come as routes of their own; the others join them.
+    let mut routes = registry.map(RegistryNode::routes).unwrap_or_default();
+    if let Some(routing) = routing {
+        let server = RoutingServer::new(routing)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(server, check.clone()));
+    }
+    if let Some(bots) = bots {
+        let api = BotsServer::new(bots.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(api, check.clone()));
+        let processing = BotProcessingServer::new(ProcessingGrpc(bots));
+        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(processing, check.clone()));
+    }
+    routes
+}
+
+/// Serves until `stop` flips; calls in progress finish.
+pub async fn serve(
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stopped = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    if let Err(error) = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .trace_fn(request_span)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stopped)
+        .await
+    {
+        tracing::error!(%error, "internal gRPC server failed");
+    }
+}
+
+/// The span each call runs in: `grpc.request`, continuing the caller's trace
+/// when its HTTP/2 headers carry a W3C `traceparent` (see
+/// `beseda_routing::Caller::request`). Without tracing the span is a plain,
+/// disabled-cheap tracing span and no header is read.
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!("grpc.request", rpc = request.uri().path());
+    if request.headers().contains_key("traceparent") {
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(request.headers()))
+        });
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+    }
+    span
+}
+
+/// Reads propagation fields from HTTP/2 headers.
+struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|name| name.as_str()).collect()
+    }
+}
