@@ -21,6 +21,7 @@ import yaml
 COMPONENTS = ("gateway", "routing", "bots", "registry")
 STATELESS = ("gateway", "routing", "bots")
 HEALTH_PATH = "/rs/health"
+LIVE_PATH = "/rs/live"
 HTTP_PORT = 8087
 GRPC_PORT = 9087
 DATA_DIR = "/var/lib/beseda"
@@ -188,11 +189,11 @@ def check_workload(workload, component, by_kind, settings, external_secret, chec
 
     pod_security = spec.get("securityContext", {})
     container = spec["containers"][0]
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", LIVE_PATH), ("readinessProbe", HEALTH_PATH)):
         http_get = container.get(probe, {}).get("httpGet", {})
         port = resolve_port(container, http_get.get("port"))
-        check(http_get.get("path") == HEALTH_PATH and port == HTTP_PORT,
-              f"{probe} is GET {HEALTH_PATH} on port {HTTP_PORT}", f"found {http_get or 'none'}")
+        check(http_get.get("path") == path and port == HTTP_PORT,
+              f"{probe} is GET {path} on port {HTTP_PORT}", f"found {http_get or 'none'}")
 
     security = container.get("securityContext", {})
     run_as_non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))

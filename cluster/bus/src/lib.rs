@@ -35,6 +35,9 @@ pub enum Topic {
     Presence { application_id: String, user_id: String },
     /// Events about the whole application (its credentials changed).
     Application { application_id: String },
+    /// Commits that wrote outbox rows, of every application: wakes the bots
+    /// relay when it runs in another process. Carries no tenant data.
+    Outbox,
 }
 
 /// One received item.

@@ -445,6 +445,8 @@ impl Backoff {
 
 fn channel_name(prefix: &str, topic: &Topic) -> String {
     let (application_id, kind, id) = match topic {
+        // One colon only: no application channel (which has two or more) can be it.
+        Topic::Outbox => return format!("{prefix}:outbox"),
         Topic::Conversation { application_id, conversation_id } => (application_id, "c", Some(conversation_id)),
         Topic::User { application_id, user_id } => (application_id, "u", Some(user_id)),
         Topic::Presence { application_id, user_id } => (application_id, "p", Some(user_id)),

@@ -148,7 +148,6 @@ impl RegistryApiService {
                     .enumerate()
                     .map(|(position, delta)| delta_from_wire(delta, position))
                     .collect::<Result<Vec<_>, _>>()?;
-                metrics::histogram!("beseda_registry_batch_size").record(deltas.len() as f64);
                 Ok(Command::Batch {
                     gateway: required_gateway(batch.gateway)?,
                     session: batch.session,
@@ -182,7 +181,15 @@ impl RegistryApi for RegistryApiService {
     ) -> Result<Response<wire::RegistryApplyResponse>, Status> {
         use wire::registry_apply_response::Outcome;
         let command = self.command_from_wire(request.into_inner())?;
+        // Heartbeats (empty batches) would drown the distribution.
+        let batch_size = match &command {
+            Command::Batch { deltas, .. } if !deltas.is_empty() => Some(deltas.len()),
+            _ => None,
+        };
         let written = self.raft.client_write(command).await.map_err(write_error)?;
+        if let Some(batch_size) = batch_size {
+            metrics::histogram!("beseda_registry_batch_size").record(batch_size as f64);
+        }
         let log_index = written.log_id.index;
         let outcome = match written.data {
             CommandOutcome::Deltas(changes) => Outcome::Deltas(wire::RegistryDeltaResults {

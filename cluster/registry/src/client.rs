@@ -460,8 +460,13 @@ impl BatchSender {
                     self.registered = false;
                     self.resync().await;
                 }
-                Ok(Applied::Users(_)) | Err(_) => {
-                    let message = "the registry refused the batch of connection changes".to_owned();
+                refused => {
+                    let message = match refused {
+                        Err(status) => {
+                            format!("the registry refused the batch of connection changes: {}", status.message())
+                        }
+                        Ok(_) => "the registry answered the batch of connection changes with another outcome".into(),
+                    };
                     tracing::error!(gateway = %self.gateway, "{message}");
                     for (_, reply) in batch {
                         let _ = reply.send(Err(message.clone()));

@@ -14,6 +14,8 @@ mod raft_types;
 mod router;
 pub mod state;
 mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 mod wire;
 
 pub use admin::{ClusterMember, ClusterStatus, GatewayLease};

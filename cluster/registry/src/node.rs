@@ -36,7 +36,10 @@ pub struct RegistryNodeConfig {
     /// How often the leader sends heartbeats to the other nodes.
     pub heartbeat_interval: Duration,
     /// The shortest election timeout; the longest is twice as long. A
-    /// follower that hears no leader for that long starts an election.
+    /// follower that hears no leader for that long starts an election, but
+    /// only once the old leader's lease (openraft's: the longest election
+    /// timeout) has run out too, so a dead leader is replaced after about 3–4
+    /// election timeouts (3–4 s by default), plus a round per split vote.
     pub election_timeout: Duration,
     /// The lease of a gateway that does not ask for one: a gateway whose
     /// heartbeats stop is forgotten this long after its last one.

@@ -52,9 +52,16 @@ pub(crate) fn classify(status: &Status) -> Refusal {
             .and_then(|address| address.to_str().ok())
             .map(|address| Refusal::NotLeader(address.to_owned()))
             .unwrap_or(Refusal::Retry),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::ResourceExhausted => {
-            Refusal::Retry
-        }
+        // Transport failures surface as these too: a connection reset is
+        // UNKNOWN, and an HTTP/2 GOAWAY racing a request (a node shutting
+        // down) is INTERNAL. A retry is always safe: commands are
+        // deduplicated by session and sequence.
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::Internal
+        | Code::ResourceExhausted => Refusal::Retry,
         _ => Refusal::Final,
     }
 }

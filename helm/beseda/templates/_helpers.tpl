@@ -229,7 +229,7 @@ containers:
       failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
     livenessProbe:
       httpGet:
-        path: /rs/health
+        path: /rs/live
         port: http
       periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
       timeoutSeconds: 3

@@ -143,6 +143,7 @@ impl RoutingService {
             Topic::User { .. } => "user",
             Topic::Presence { .. } => "presence",
             Topic::Application { .. } => "application",
+            Topic::Outbox => "outbox",
         };
         let span = tracing::info_span!("bus.publish", topic_kind);
         let context = span.context();

@@ -121,7 +121,11 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         }
         false => (None, "none (no role of this process uses the database)".to_owned()),
     };
-    let needs_bus = roles.has(Role::Gateway) || roles.has(Role::Routing) || roles.has(Role::Registry);
+    // A bots process of its own listens on the bus for outbox commits, when there is a shared bus.
+    let needs_bus = roles.has(Role::Gateway)
+        || roles.has(Role::Routing)
+        || roles.has(Role::Registry)
+        || (roles.has(Role::Bots) && config.cluster.redis_url.is_some());
     let (bus, bus_health) = match needs_bus {
         true => {
             let (bus, health) = open_bus(config).await?;
@@ -169,6 +173,13 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         }
         _ => None,
     };
+
+    // Across processes, routing's outbox commits reach the bots relay over the bus.
+    match (&local_routing, &local_bots, &bus) {
+        (Some(routing), None, Some(bus)) => forward_outbox_commits(routing.outbox_signal(), bus.clone()),
+        (None, Some(bots), Some(bus)) => wake_relay_on_outbox_commits(bots.clone(), bus.clone()).await,
+        _ => {}
+    }
 
     let registry_node = match roles.has(Role::Registry) {
         true => Some(Arc::new(start_registry_node(config, bus.clone()).await?)),
@@ -238,6 +249,36 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     };
     let router = router.merge(health::router(health_state));
     Ok(Node { store, store_description, mailer, router, grpc, shutdown_sender, background, registry, registry_node })
+}
+
+/// Publishes "outbox rows were committed" for bots processes elsewhere; a
+/// burst of commits becomes one event per few milliseconds.
+fn forward_outbox_commits(signal: Arc<tokio::sync::Notify>, bus: Arc<dyn Bus>) {
+    tokio::spawn(async move {
+        loop {
+            signal.notified().await;
+            let event = beseda_proto::v1::BusEvent {
+                kind: Some(beseda_proto::v1::bus_event::Kind::OutboxCommitted(beseda_proto::v1::OutboxCommitted {})),
+                ..Default::default()
+            };
+            bus.publish(&beseda_bus::Topic::Outbox, event).await;
+            tokio::time::sleep(OUTBOX_WAKEUP_COALESCING).await;
+        }
+    });
+}
+
+/// Commits closer together than this wake a remote relay once.
+const OUTBOX_WAKEUP_COALESCING: Duration = Duration::from_millis(5);
+
+/// Wakes this process's relay whenever a routing node commits outbox rows
+/// (a lost wake-up costs at most the relay's poll interval).
+async fn wake_relay_on_outbox_commits(bots: BotsService, bus: Arc<dyn Bus>) {
+    let mut commits = bus.subscribe(&beseda_bus::Topic::Outbox).await;
+    tokio::spawn(async move {
+        while commits.recv().await.is_some() {
+            bots.wake();
+        }
+    });
 }
 
 /// A gateway the registry had given up on (a partition longer than its

@@ -108,7 +108,7 @@ async fn registry(endpoint: &str, command: &RegistryCommand) -> anyhow::Result<i
             println!("node {id} ({address}) is a learner; make it a voter with change-membership");
         }
         RegistryCommand::ChangeMembership { voters } => {
-            beseda_registry::admin::change_membership(endpoint, voters.iter().copied().collect()).await?;
+            beseda_registry::admin::change_membership(endpoint, voters.clone()).await?;
             println!("voters are now {voters:?}");
         }
     }

@@ -145,6 +145,10 @@ pub fn router(state: HealthState) -> axum::Router {
     prometheus();
     axum::Router::new()
         .route("/rs/health", axum::routing::get(health))
+        // Liveness: the process answers HTTP. Unlike /rs/health it does not
+        // depend on PostgreSQL, Redis or routing, so an outage of those makes
+        // pods unready (no traffic) without restarting them all.
+        .route("/rs/live", axum::routing::get(|| async { "ok" }))
         .route("/metrics", axum::routing::get(metrics_text))
         .with_state(state)
 }

@@ -370,3 +370,69 @@ async fn a_routing_node_killed_mid_burst_stores_every_acknowledged_message_once(
     .await
     .expect("the scenario finished in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_answers_through_a_gateway_while_bots_run_in_their_own_process() {
+    let Some(url) = postgres_url() else { return };
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let cluster = Cluster::start(&url).await;
+        let scene = scene(&cluster).await;
+        let gateway = cluster.gateway(1);
+        // The echo bot's application server holds its processing connection
+        // through gateway 1; the gateway forwards it to the bots node.
+        let settings = beseda_echo_bot::Settings {
+            server_url: cluster.gateways[0].base_url(),
+            application_id: scene.application.id.clone(),
+            application_key: scene.application.key.clone(),
+            renew: Duration::from_secs(60),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let bot = tokio::spawn(beseda_echo_bot::run(settings, async move {
+            let _ = stopped.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let bot_user_id = loop {
+            let bots = gateway.ok("GET", "/api/v1/bots", &scene.application.privileged(), None).await;
+            if let Some(bot) = bots["bots"].as_array().and_then(|bots| bots.first()) {
+                break bot["userId"].as_str().unwrap().to_owned();
+            }
+            assert!(Instant::now() < deadline, "the predefined bot was not created through the gateway");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let created = gateway
+            .ok(
+                "POST",
+                "/api/v1/conversations",
+                &scene.application.privileged(),
+                Some(json!({"conversation": {"group": false, "memberIds": [scene.ids["Alice"], bot_user_id]}})),
+            )
+            .await;
+        let conversation_id = created["id"].as_str().unwrap().to_owned();
+        let alice = scene.application.user("a1", "Alice");
+        let path = format!("/api/v1/conversations/{conversation_id}/messages");
+        for round in 1..=3 {
+            let sent = Instant::now();
+            gateway.ok("POST", &path, &alice, Some(json!({"text": format!("ping {round}")}))).await;
+            let expected = format!("echo\n>ping {round}");
+            loop {
+                let page = gateway.ok("POST", &format!("{path}/search"), &alice, Some(json!({}))).await;
+                let messages = page["messages"].as_array().cloned().unwrap_or_default();
+                if messages.iter().any(|message| message["text"] == expected.as_str()) {
+                    assert_eq!(messages.len(), round * 2, "one answer per message: {messages:?}");
+                    break;
+                }
+                assert!(sent.elapsed() < Duration::from_secs(20), "the echo bot did not answer {round}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            eprintln!(
+                "echo bot round {round}: answered {:?} after the send (bots in their own process)",
+                sent.elapsed()
+            );
+        }
+        let _ = stop.send(());
+        bot.await.unwrap().unwrap();
+    })
+    .await
+    .expect("the scenario finished in time");
+}

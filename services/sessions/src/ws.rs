@@ -296,7 +296,8 @@ impl Connection {
                     ErrorCode::ApplicationNotRegistered,
                     format!("{}; connect again with a token signed by the current key", changed.reason),
                 ))),
-                None => Ok(()),
+                // Meant for the bots relay; a connection never subscribes to it.
+                Some(wire::bus_event::Kind::OutboxCommitted(_)) | None => Ok(()),
             },
         }
     }

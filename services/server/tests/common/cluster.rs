@@ -271,7 +271,6 @@ impl Cluster {
             store(vec![
                 ("BESEDA_ROLES", "bots".into()),
                 ("BESEDA_ROUTING_ENDPOINTS", routing_endpoints.clone()),
-                ("BESEDA_BOTS_POLL_INTERVAL_MILLISECONDS", "100".into()),
                 ("BESEDA_BOTS_OUTBOUND_ALLOW_PRIVATE_ADDRESSES", "true".into()),
             ]),
         );
