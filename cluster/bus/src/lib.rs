@@ -40,6 +40,23 @@ pub enum Topic {
     Outbox,
 }
 
+impl Topic {
+    /// Events a subscriber of this topic may fall behind before it must
+    /// resync from storage. tokio allocates every slot of a broadcast
+    /// channel up front (about 32 bytes each), and a gateway holds one
+    /// channel per user topic of its connections, so only conversations,
+    /// whose channels connections share and whose bursts are largest, get
+    /// the full [`TOPIC_CAPACITY`]; a user's own events need a quarter, and
+    /// presence and application events come one at a time.
+    pub fn capacity(&self) -> usize {
+        match self {
+            Topic::Conversation { .. } => TOPIC_CAPACITY,
+            Topic::User { .. } => TOPIC_CAPACITY / 4,
+            Topic::Presence { .. } | Topic::Application { .. } | Topic::Outbox => 16,
+        }
+    }
+}
+
 /// One received item.
 #[derive(Debug)]
 pub enum Received {
@@ -138,7 +155,7 @@ impl Bus for InProcessBus {
 
     async fn subscribe(&self, topic: &Topic) -> Subscription {
         let receiver =
-            self.topics.entry(topic.clone()).or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0).subscribe();
+            self.topics.entry(topic.clone()).or_insert_with(|| broadcast::channel(topic.capacity()).0).subscribe();
         Subscription::new(receiver, None)
     }
 }

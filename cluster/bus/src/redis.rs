@@ -286,7 +286,7 @@ impl Bus for RedisBus {
                 (local, receiver, false)
             }
             Entry::Vacant(entry) => {
-                let local = Arc::new(LocalTopic::new());
+                let local = Arc::new(LocalTopic::new(topic.capacity()));
                 let receiver = local.sender.subscribe();
                 entry.insert(Arc::clone(&local));
                 (local, receiver, true)
@@ -372,8 +372,8 @@ impl Health {
 }
 
 impl LocalTopic {
-    fn new() -> Self {
-        LocalTopic { sender: broadcast::channel(TOPIC_CAPACITY).0, state: watch::Sender::new(TopicState::default()) }
+    fn new(capacity: usize) -> Self {
+        LocalTopic { sender: broadcast::channel(capacity).0, state: watch::Sender::new(TopicState::default()) }
     }
 
     /// Redis confirmed the channel: wake the waiting `subscribe` calls and, if
@@ -534,7 +534,7 @@ mod tests {
 
     #[test]
     fn a_late_confirmation_owes_exactly_one_resync() {
-        let local = LocalTopic::new();
+        let local = LocalTopic::new(TOPIC_CAPACITY);
         let mut receiver = local.sender.subscribe();
         local.owe_resync_unless_confirmed();
         local.confirm();

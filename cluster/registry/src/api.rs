@@ -55,8 +55,10 @@ fn write_error(error: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Statu
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             not_leader(leader_of(forward.leader_id, forward.leader_node))
         }
+        // Transient: the previous change (often the learner just added)
+        // commits within a heartbeat or two, so callers retry.
         RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(progress))) => {
-            Status::aborted(format!("another membership change is in progress: {progress}"))
+            Status::unavailable(format!("another membership change is in progress, retry shortly: {progress}"))
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(refused)) => {
             Status::invalid_argument(format!("the membership change was refused: {refused}"))
