@@ -16,3 +16,35 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 /// The client protocol versions this build speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 pub const MAX_PROTOCOL_VERSION: u32 = 1;
+
+/// The gRPC metadata key carrying the cluster's shared secret on every
+/// internal call between Beseda processes (`cluster.token`).
+pub const CLUSTER_TOKEN_METADATA: &str = "x-beseda-cluster-token";
+
+/// Adds the cluster token, when one is configured, to every outgoing call
+/// of a client built `with_interceptor`.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterToken(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl ClusterToken {
+    /// A token that is not valid in an HTTP header cannot be sent; it is
+    /// refused here rather than silently dropped.
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        match token {
+            None => Ok(ClusterToken(None)),
+            Some(token) => token
+                .parse()
+                .map(|value| ClusterToken(Some(value)))
+                .map_err(|_| "the cluster token must be printable ASCII (it travels in a gRPC header)".to_owned()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ClusterToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert(CLUSTER_TOKEN_METADATA, token.clone());
+        }
+        Ok(request)
+    }
+}

@@ -76,7 +76,7 @@ use tokio::task::AbortHandle;
 
 #[cfg(doc)]
 use crate::Received;
-use crate::{Bus, Subscription, TOPIC_CAPACITY, Topic, resync_marker};
+use crate::{Bus, Subscription, Topic, resync_marker};
 use publisher::Outgoing;
 
 /// How long [`Bus::subscribe`] waits for Redis to confirm a new channel. Past
@@ -534,7 +534,7 @@ mod tests {
 
     #[test]
     fn a_late_confirmation_owes_exactly_one_resync() {
-        let local = LocalTopic::new(TOPIC_CAPACITY);
+        let local = LocalTopic::new(crate::TOPIC_CAPACITY);
         let mut receiver = local.sender.subscribe();
         local.owe_resync_unless_confirmed();
         local.confirm();

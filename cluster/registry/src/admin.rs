@@ -55,8 +55,8 @@ pub struct GatewayLease {
 }
 
 /// The status of the node at `endpoint` itself.
-async fn status_of(endpoint: &str) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], STATUS_TIMEOUT)?;
+async fn status_of(endpoint: &str, token: Option<&str>) -> anyhow::Result<ClusterStatus> {
+    let router = LeaderRouter::new(vec![endpoint.to_owned()], STATUS_TIMEOUT, token)?;
     let status = router
         .call(Some(Instant::now() + STATUS_TIMEOUT), |mut client| async move {
             client.status(wire::RegistryStatusRequest {}).await
@@ -68,15 +68,16 @@ async fn status_of(endpoint: &str) -> anyhow::Result<ClusterStatus> {
 /// The leader's status, asked through `endpoint`: any node names the
 /// leader. When the leader cannot be reached, the status of `endpoint`
 /// itself is returned (its `role` and `leader_id` show what it knows).
-pub async fn status(endpoint: &str) -> anyhow::Result<ClusterStatus> {
-    let local = status_of(endpoint).await?;
+/// `token` is the cluster token, when the cluster has one.
+pub async fn status(endpoint: &str, token: Option<&str>) -> anyhow::Result<ClusterStatus> {
+    let local = status_of(endpoint, token).await?;
     if local.role == "leader" {
         return Ok(local);
     }
     let Some(leader_address) = local.leader_address.clone() else {
         return Ok(local);
     };
-    match status_of(&leader_address).await {
+    match status_of(&leader_address, token).await {
         Ok(leader) => Ok(leader),
         Err(error) => {
             tracing::warn!(%error, leader = %leader_address, "registry leader unreachable; showing {endpoint}'s own status");
@@ -87,8 +88,8 @@ pub async fn status(endpoint: &str) -> anyhow::Result<ClusterStatus> {
 
 /// Adds node `id` at `address` (its gRPC URL) as a learner and returns once
 /// it has caught up; then it can be made a voter with [`change_membership`].
-pub async fn add_learner(endpoint: &str, id: u64, address: &str) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE)?;
+pub async fn add_learner(endpoint: &str, token: Option<&str>, id: u64, address: &str) -> anyhow::Result<ClusterStatus> {
+    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE, token)?;
     let request = wire::RegistryAddLearnerRequest { id, address: address.to_owned() };
     let status = router
         .call(Some(Instant::now() + ADMIN_DEADLINE), |mut client| {
@@ -101,8 +102,8 @@ pub async fn add_learner(endpoint: &str, id: u64, address: &str) -> anyhow::Resu
 
 /// Makes exactly `voters` the voting members (each must be a member
 /// already, e.g. a caught-up learner); removed voters leave the cluster.
-pub async fn change_membership(endpoint: &str, voters: Vec<u64>) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE)?;
+pub async fn change_membership(endpoint: &str, token: Option<&str>, voters: Vec<u64>) -> anyhow::Result<ClusterStatus> {
+    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE, token)?;
     let request = wire::RegistryChangeMembershipRequest { voters };
     let status = router
         .call(Some(Instant::now() + ADMIN_DEADLINE), |mut client| {

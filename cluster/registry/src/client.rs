@@ -32,6 +32,8 @@ pub struct ClientConfig {
     /// The lease the gateway asks for: the registry forgets its connections
     /// this long after its last successful write.
     pub lease: Duration,
+    /// The cluster token presented to the voters (`cluster.token`).
+    pub token: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +44,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(3),
             lease: Duration::from_secs(10),
+            token: None,
         }
     }
 }
@@ -105,7 +108,7 @@ impl RaftRegistryClient {
             config.lease
         );
         let attempt_timeout = (config.request_timeout / 4).clamp(Duration::from_millis(500), Duration::from_secs(5));
-        let router = Arc::new(LeaderRouter::new(endpoints, attempt_timeout)?);
+        let router = Arc::new(LeaderRouter::new(endpoints, attempt_timeout, config.token.as_deref())?);
         let (queue, queued) = mpsc::unbounded_channel();
         let (resync_changes, _) = broadcast::channel(64);
         let sender = BatchSender {

@@ -1,6 +1,16 @@
 //! The session registry answers "who is connected where". On one node it is
 //! a concurrent map ([`LocalRegistry`]); in a cluster it is an
 //! openraft-replicated state machine behind the same trait.
+//!
+//! The cluster pieces:
+//! - [`RegistryNode`]: a registry voter (or learner) — the Raft member, its
+//!   SQLite log and JSON snapshots under its data directory, and the
+//!   `beseda.v1.RegistryRaft`/`RegistryApi` gRPC services the embedding
+//!   process serves ([`RegistryNode::routes`]);
+//! - [`RaftRegistryClient`]: the gateway's [`Registry`], batching writes to
+//!   the leader and reading linearizably;
+//! - [`admin`]: status and membership changes for `beseda ctl registry`;
+//! - [`state`]: the deterministic state machine every replica applies.
 
 #![forbid(unsafe_code)]
 

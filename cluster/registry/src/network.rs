@@ -8,6 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use beseda_proto::ClusterToken;
 use beseda_proto::v1::RegistryRaftPayload;
 use beseda_proto::v1::registry_raft_client::RegistryRaftClient;
 use beseda_proto::v1::registry_raft_server::RegistryRaft as RegistryRaftRpc;
@@ -20,6 +21,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
@@ -38,7 +40,12 @@ pub(crate) struct GrpcNetworkFactory {
     /// Upper bound of any one Raft RPC (openraft passes a shorter per-call
     /// deadline, which is sent as the gRPC timeout).
     pub request_timeout: Duration,
+    /// Presented to the peers (`cluster.token`).
+    pub token: ClusterToken,
 }
+
+/// A Raft client that presents the cluster token.
+pub(crate) type RaftClient = RegistryRaftClient<InterceptedService<Channel, ClusterToken>>;
 
 impl RaftNetworkFactory<RegistryTypeConfig> for GrpcNetworkFactory {
     type Network = GrpcPeer;
@@ -47,7 +54,7 @@ impl RaftNetworkFactory<RegistryTypeConfig> for GrpcNetworkFactory {
         let client = Endpoint::from_shared(node.addr.clone())
             .map(|endpoint| {
                 let endpoint = endpoint.connect_timeout(self.connect_timeout).timeout(self.request_timeout);
-                RegistryRaftClient::new(endpoint.connect_lazy())
+                RegistryRaftClient::with_interceptor(endpoint.connect_lazy(), self.token.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)
             })
@@ -61,7 +68,7 @@ pub(crate) struct GrpcPeer {
     node_id: u64,
     target: u64,
     target_node: BasicNode,
-    client: Result<RegistryRaftClient<Channel>, String>,
+    client: Result<RaftClient, String>,
 }
 
 /// A transport failure, as the error type openraft's network errors wrap.

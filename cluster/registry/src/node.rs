@@ -47,6 +47,9 @@ pub struct RegistryNodeConfig {
     /// A snapshot is built every this many entries, and the log before it
     /// is purged.
     pub snapshot_every_entries: u64,
+    /// The cluster token presented to the other voters (`cluster.token`);
+    /// the embedding process checks it on the way in.
+    pub token: Option<String>,
 }
 
 impl RegistryNodeConfig {
@@ -61,6 +64,7 @@ impl RegistryNodeConfig {
             election_timeout: Duration::from_secs(1),
             gateway_lease: Duration::from_secs(10),
             snapshot_every_entries: 5_000,
+            token: None,
         }
     }
 
@@ -111,11 +115,13 @@ pub struct RegistryNode {
 }
 
 impl RegistryNode {
-    /// Opens the data directory, starts the Raft member and, on a node of
-    /// the initial membership whose log is empty, initializes the cluster
-    /// with `peers` (every initial node does so with the same membership,
-    /// which openraft allows; a node that was initialized already ignores
-    /// it). `on_expired` hears the users that went offline when this node,
+    /// Opens the data directory, starts the Raft member and, on the node
+    /// with the lowest id of `peers` whose log is empty, initializes the
+    /// cluster with `peers`. Only that one node does: a voter added later
+    /// (scaling 3 to 5, where every pod is given the new peer list) must wait
+    /// to be added by `add-learner`/`change-membership` instead of founding a
+    /// cluster of its own; the other initial voters join when the first one
+    /// calls its election. `on_expired` hears the users that went offline when this node,
     /// as leader, expires or deregisters gateways.
     pub async fn start(config: RegistryNodeConfig, on_expired: ExpiredCallback) -> anyhow::Result<RegistryNode> {
         let raft_config = Arc::new(config.raft_config()?);
@@ -137,12 +143,18 @@ impl RegistryNode {
             node_id: config.node_id,
             connect_timeout: config.election_timeout,
             request_timeout: Duration::from_millis(raft_config.install_snapshot_timeout),
+            token: beseda_proto::ClusterToken::new(config.token.as_deref()).map_err(anyhow::Error::msg)?,
         };
         let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine)
             .await
             .context("cannot start the registry's Raft member")?;
 
-        if config.peers.contains_key(&config.node_id) && !raft.is_initialized().await? {
+        // Asked of every node, founder or not: the answer comes from the Raft
+        // core, so once it is here the core has loaded its log and snapshot
+        // and its metrics (status) describe the recovered state.
+        let initialized = raft.is_initialized().await?;
+        let founder = config.peers.keys().next() == Some(&config.node_id);
+        if founder && !initialized {
             let members: BTreeMap<u64, BasicNode> =
                 config.peers.iter().map(|(id, address)| (*id, BasicNode::new(address))).collect();
             match raft.initialize(members).await {

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use beseda_proto::ClusterToken;
 use beseda_proto::v1::registry_api_client::RegistryApiClient;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
@@ -46,12 +48,17 @@ impl std::fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
+/// A registry API client that presents the cluster token.
+pub(crate) type ApiClient = RegistryApiClient<InterceptedService<Channel, ClusterToken>>;
+
 pub(crate) struct LeaderRouter {
     endpoints: Vec<String>,
     /// Bounds one attempt, so that a node that accepts the connection but
     /// never answers (a deposed leader cut off from the others) is left.
     attempt_timeout: Duration,
-    clients: Mutex<HashMap<String, RegistryApiClient<Channel>>>,
+    clients: Mutex<HashMap<String, ApiClient>>,
+    /// Presented on every call (`cluster.token`).
+    token: ClusterToken,
     /// The address that answered last, tried first.
     leader: Mutex<Option<String>>,
     next_endpoint: AtomicUsize,
@@ -59,11 +66,12 @@ pub(crate) struct LeaderRouter {
 }
 
 impl LeaderRouter {
-    pub fn new(endpoints: Vec<String>, attempt_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(endpoints: Vec<String>, attempt_timeout: Duration, token: Option<&str>) -> anyhow::Result<Self> {
         anyhow::ensure!(!endpoints.is_empty(), "no registry endpoint is configured");
         let router = LeaderRouter {
             endpoints,
             attempt_timeout,
+            token: ClusterToken::new(token).map_err(anyhow::Error::msg)?,
             clients: Mutex::default(),
             leader: Mutex::default(),
             next_endpoint: AtomicUsize::new(0),
@@ -76,7 +84,7 @@ impl LeaderRouter {
     }
 
     /// A lazily connecting client for `address`, one channel per address.
-    fn client_for(&self, address: &str) -> Result<RegistryApiClient<Channel>, String> {
+    fn client_for(&self, address: &str) -> Result<ApiClient, String> {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
@@ -84,7 +92,7 @@ impl LeaderRouter {
         let endpoint = Endpoint::from_shared(address.to_owned())
             .map_err(|error| format!("`{address}` is not a valid registry gRPC URL: {error}"))?
             .connect_timeout(self.attempt_timeout);
-        let client = RegistryApiClient::new(endpoint.connect_lazy())
+        let client = RegistryApiClient::with_interceptor(endpoint.connect_lazy(), self.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         clients.insert(address.to_owned(), client.clone());
@@ -120,7 +128,7 @@ impl LeaderRouter {
     /// or `deadline` passes (`None`: keep trying).
     pub async fn call<T, F, Fut>(&self, deadline: Option<Instant>, mut attempt: F) -> Result<T, CallError>
     where
-        F: FnMut(RegistryApiClient<Channel>) -> Fut,
+        F: FnMut(ApiClient) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let mut backoff = FIRST_BACKOFF;

@@ -287,7 +287,7 @@ async fn a_learner_catches_up_from_a_snapshot_and_the_cluster_grows_to_five_vote
         assert_eq!(waiting.applied_index, None, "a node outside the initial voters starts empty");
         // Asked through any node: a follower's refusal points to the leader.
         let entry_point = cluster.nodes[&(leader % 3 + 1)].url();
-        let grown = admin::add_learner(&entry_point, 4, &learner_url).await.expect("add learner 4");
+        let grown = admin::add_learner(&entry_point, None, 4, &learner_url).await.expect("add learner 4");
         assert!(grown.members.iter().any(|member| member.id == 4 && !member.voter), "{grown:?}");
         eventually(CATCH_UP, "learner 4 caught up from the snapshot", || async {
             let status = cluster.status(4).await;
@@ -296,8 +296,8 @@ async fn a_learner_catches_up_from_a_snapshot_and_the_cluster_grows_to_five_vote
         .await;
 
         let fifth_url = cluster.start_extra_node(5).await;
-        admin::add_learner(&entry_point, 5, &fifth_url).await.expect("add learner 5");
-        let changed = admin::change_membership(&entry_point, vec![1, 2, 3, 4, 5])
+        admin::add_learner(&entry_point, None, 5, &fifth_url).await.expect("add learner 5");
+        let changed = admin::change_membership(&entry_point, None, vec![1, 2, 3, 4, 5])
             .await
             .unwrap_or_else(|error| panic!("change membership: {error:#}"));
         assert_eq!(changed.members.iter().filter(|member| member.voter).count(), 5, "{changed:?}");
@@ -314,7 +314,7 @@ async fn a_learner_catches_up_from_a_snapshot_and_the_cluster_grows_to_five_vote
             all
         })
         .await;
-        let status = admin::status(&cluster.nodes[&4].url()).await.unwrap();
+        let status = admin::status(&cluster.nodes[&4].url(), None).await.unwrap();
         assert_eq!(status.node_id, leader);
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["role"], "leader");
@@ -358,7 +358,7 @@ async fn a_follower_refuses_reads_and_writes_with_a_leader_hint() {
 
         let own = follower_api.status(wire::RegistryStatusRequest {}).await.unwrap().into_inner();
         assert_eq!((own.role.as_str(), own.leader_id), ("follower", Some(leader)));
-        assert_eq!(admin::status(&follower_url).await.unwrap().node_id, leader, "status is routed to the leader");
+        assert_eq!(admin::status(&follower_url, None).await.unwrap().node_id, leader, "status is routed to the leader");
 
         // Requests that do not decode are refused, not panicked on.
         let empty = follower_api.apply(wire::RegistryApplyRequest { command: None }).await.unwrap_err();
@@ -376,6 +376,31 @@ async fn a_follower_refuses_reads_and_writes_with_a_leader_hint() {
         assert!(gateway.is_online(&user("alice")).await.unwrap());
         drop(gateway);
         cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lowest_peer_founds_the_cluster() {
+    // A voter added later (scaling 3 to 5, with every pod given the new peer
+    // list) starts with an empty log; it must wait to be added rather than
+    // found a cluster of its own with itself among the voters.
+    bounded(async {
+        let directory = tempfile::tempdir().unwrap();
+        let unreachable = |port: u16| format!("http://127.0.0.1:{port}");
+        let peers: std::collections::BTreeMap<u64, String> =
+            (1..=5).map(|id| (id, unreachable(1 + id as u16))).collect();
+        let mut config = beseda_registry::RegistryNodeConfig::new(4, directory.path(), peers);
+        config.heartbeat_interval = Duration::from_millis(50);
+        config.election_timeout = Duration::from_millis(200);
+        let latecomer = beseda_registry::RegistryNode::start(config, Arc::new(|_| {})).await.unwrap();
+        // Several election timeouts pass: an initialized node would have become a candidate.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!latecomer.raft().is_initialized().await.unwrap(), "a latecomer must not initialize a cluster");
+        let status = latecomer.status().await;
+        assert_eq!(status.term, 0, "no election was held: {status:?}");
+        assert!(status.members.is_empty(), "no membership of its own: {status:?}");
+        latecomer.shutdown().await.unwrap();
     })
     .await;
 }

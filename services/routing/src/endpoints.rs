@@ -25,8 +25,7 @@ use tokio::sync::RwLock;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-/// The metadata key carrying the cluster's shared secret between services.
-pub const CLUSTER_TOKEN_KEY: &str = "x-beseda-cluster-token";
+pub use beseda_proto::CLUSTER_TOKEN_METADATA as CLUSTER_TOKEN_KEY;
 
 /// Timeout of establishing one connection to an instance.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

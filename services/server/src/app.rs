@@ -235,7 +235,7 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     }
 
     let grpc = match internal_grpc::serves(config) {
-        true => Some(internal_grpc::routes(config, local_routing, local_bots, registry_node.as_deref())),
+        true => Some(internal_grpc::routes(local_routing, local_bots, registry_node.as_deref())),
         false => None,
     };
     let health_state = HealthState {
@@ -362,7 +362,7 @@ pub async fn run_with_listeners(
     let grpc_task = match (grpc, grpc_listener) {
         (Some(routes), Some(grpc_listener)) => {
             tracing::info!(address = %grpc_listener.local_addr()?, "internal gRPC is serving");
-            Some(tokio::spawn(internal_grpc::serve(routes, grpc_listener, grpc_stop)))
+            Some(tokio::spawn(internal_grpc::serve(routes, grpc_listener, config.cluster.token.clone(), grpc_stop)))
         }
         _ => None,
     };

@@ -540,6 +540,7 @@ impl NodeConfig {
             // Three renewals per lease: one lost heartbeat never expires a live gateway.
             heartbeat_interval: lease / 3,
             lease,
+            token: self.cluster.token.clone(),
             ..Default::default()
         }
     }
@@ -556,6 +557,7 @@ impl NodeConfig {
         node.election_timeout = Duration::from_millis(registry.election_timeout_milliseconds);
         node.gateway_lease = Duration::from_secs(registry.gateway_lease_seconds);
         node.snapshot_every_entries = registry.snapshot_every_entries;
+        node.token = self.cluster.token.clone();
         Ok(node)
     }
 

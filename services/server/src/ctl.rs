@@ -65,6 +65,9 @@ pub enum CtlCommand {
         /// gRPC URL of any voter; calls are routed to the leader.
         #[arg(long, default_value = "http://127.0.0.1:9087")]
         endpoint: String,
+        /// The cluster token (`cluster.token` of the voters), if they have one.
+        #[arg(long, env = "BESEDA_CTL_CLUSTER_TOKEN", hide_env_values = true)]
+        cluster_token: Option<String>,
         #[command(subcommand)]
         command: RegistryCommand,
     },
@@ -97,18 +100,18 @@ pub enum RegistryCommand {
     },
 }
 
-async fn registry(endpoint: &str, command: &RegistryCommand) -> anyhow::Result<i32> {
+async fn registry(endpoint: &str, token: Option<&str>, command: &RegistryCommand) -> anyhow::Result<i32> {
     match command {
         RegistryCommand::Status => {
-            let status = beseda_registry::admin::status(endpoint).await?;
+            let status = beseda_registry::admin::status(endpoint, token).await?;
             println!("{}", serde_json::to_string_pretty(&status)?);
         }
         RegistryCommand::AddLearner { id, address } => {
-            beseda_registry::admin::add_learner(endpoint, *id, address).await?;
+            beseda_registry::admin::add_learner(endpoint, token, *id, address).await?;
             println!("node {id} ({address}) is a learner; make it a voter with change-membership");
         }
         RegistryCommand::ChangeMembership { voters } => {
-            beseda_registry::admin::change_membership(endpoint, voters.clone()).await?;
+            beseda_registry::admin::change_membership(endpoint, token, voters.clone()).await?;
             println!("voters are now {voters:?}");
         }
     }
@@ -169,7 +172,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<i32> {
             println!("{token}");
             Ok(0)
         }
-        CtlCommand::Registry { endpoint, command } => registry(endpoint, command).await,
+        CtlCommand::Registry { endpoint, cluster_token, command } => {
+            registry(endpoint, cluster_token.as_deref(), command).await
+        }
         CtlCommand::Outbox { email, outbox_dir } => match beseda_routing::mail::latest_outbox_body(outbox_dir, email) {
             Some(body) => {
                 println!("{body}");

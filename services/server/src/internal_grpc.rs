@@ -30,35 +30,35 @@ pub fn serves(config: &NodeConfig) -> bool {
 }
 
 pub fn routes(
-    config: &NodeConfig,
     routing: Option<RoutingService>,
     bots: Option<BotsService>,
     registry: Option<&RegistryNode>,
 ) -> tonic::service::Routes {
-    let check = TokenCheck::new(config.cluster.token.as_deref());
     // The registry's services come as routes of their own; the others join them.
     let mut routes = registry.map(RegistryNode::routes).unwrap_or_default();
     if let Some(routing) = routing {
         let server = RoutingServer::new(routing)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(server, check.clone()));
+        routes = routes.add_service(server);
     }
     if let Some(bots) = bots {
         let api = BotsServer::new(bots.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(api, check.clone()));
-        let processing = BotProcessingServer::new(ProcessingGrpc(bots));
-        routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(processing, check.clone()));
+        routes = routes.add_service(api);
+        routes = routes.add_service(BotProcessingServer::new(ProcessingGrpc(bots)));
     }
     routes
 }
 
-/// Serves until `stop` flips; calls in progress finish.
+/// Serves until `stop` flips; calls in progress finish. With a cluster
+/// `token`, every call on every service (routing, bots, the registry's Raft
+/// and API) must present it.
 pub async fn serve(
     routes: tonic::service::Routes,
     listener: TcpListener,
+    token: Option<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -68,6 +68,7 @@ pub async fn serve(
     if let Err(error) = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .trace_fn(request_span)
+        .layer(tonic::service::InterceptorLayer::new(TokenCheck::new(token.as_deref())))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stopped)
         .await

@@ -253,6 +253,24 @@ async fn a_killed_registry_leader_is_replaced_and_messaging_goes_on() {
         let new_leader = cluster.registry_leader().await.expect("a new leader");
         assert_ne!(new_leader, leader);
 
+        // The internal gRPC ports answer only callers with the cluster token.
+        let voter = cluster.registry[new_leader].grpc_url();
+        let refused = beseda_registry::admin::status(&voter, None).await.unwrap_err().to_string();
+        assert!(refused.contains("cluster token"), "{refused}");
+        let wrong = beseda_registry::admin::status(&voter, Some("not-the-token")).await.unwrap_err().to_string();
+        assert!(wrong.contains("does not match"), "{wrong}");
+        let status = beseda_registry::admin::status(&voter, Some("cluster-test-secret")).await.unwrap();
+        assert_eq!(status.role, "leader");
+        assert_eq!(status.gateways.len(), 2, "both gateways hold leases: {status:?}");
+        let routing = beseda_routing::remote::RemoteRouting::connect_one(&cluster.routing[0].grpc_url()).await.unwrap();
+        let anonymous = beseda_proto::v1::routing_server::Routing::get_server_info(
+            &routing,
+            tonic::Request::new(beseda_proto::v1::Empty {}),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(anonymous.code(), tonic::Code::Unauthenticated, "{anonymous:?}");
+
         // The old leader restarts from its disk and rejoins as a follower.
         cluster.registry[leader].restart().await;
         scene.send(&mut alice, "after").await;

@@ -151,12 +151,11 @@ async fn the_trace_crosses_internal_grpc_to_a_remote_routing_service() {
         mailer,
         beseda_routing::RoutingConfig { public_url: "http://test".into() },
     );
-    let config = beseda::config::NodeConfig::default();
-    let routes = beseda::internal_grpc::routes(&config, Some(routing), None, None);
+    let routes = beseda::internal_grpc::routes(Some(routing), None, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let served = tokio::spawn(beseda::internal_grpc::serve(routes, listener, stopped));
+    let served = tokio::spawn(beseda::internal_grpc::serve(routes, listener, None, stopped));
     let remote = beseda_routing::remote::RemoteRouting::connect_one(&format!("http://{address}")).await.unwrap();
 
     // What a gateway in another process does: call routing inside its span.
