@@ -41,11 +41,19 @@ stop_all() {
     trap - INT TERM EXIT
     echo
     echo "stopping: gateways first (clients are told to reconnect), then the rest"
+    local index
+    for index in "${!pids[@]}"; do
+        if [[ "${names[$index]}" == gateway-* ]]; then kill -TERM "${pids[$index]}" 2>/dev/null || true; fi
+    done
+    for index in "${!pids[@]}"; do
+        if [[ "${names[$index]}" == gateway-* ]]; then wait "${pids[$index]}" 2>/dev/null || true; fi
+    done
     for index in "${!pids[@]}"; do
         kill -TERM "${pids[$index]}" 2>/dev/null || true
     done
     wait 2>/dev/null || true
     echo "stopped; logs are in $data"
+    exit 0
 }
 trap stop_all INT TERM EXIT
 

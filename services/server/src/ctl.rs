@@ -63,10 +63,11 @@ pub enum CtlCommand {
     /// Operates the session registry's Raft voters (docs/deploy.md).
     Registry {
         /// gRPC URL of any voter; calls are routed to the leader.
-        #[arg(long, default_value = "http://127.0.0.1:9087")]
+        #[arg(long, global = true, default_value = "http://127.0.0.1:9087")]
         endpoint: String,
-        /// The cluster token (`cluster.token` of the voters), if they have one.
-        #[arg(long, env = "BESEDA_CTL_CLUSTER_TOKEN", hide_env_values = true)]
+        /// The cluster token (`cluster.token` of the voters), if they have one;
+        /// inside a Beseda pod it is already in the environment.
+        #[arg(long, global = true, env = "BESEDA_CLUSTER_TOKEN", hide_env_values = true)]
         cluster_token: Option<String>,
         #[command(subcommand)]
         command: RegistryCommand,
