@@ -31,7 +31,7 @@ INGRESS_PATHS = {"/api", "/ws", "/bots", "/webhooks", "/rs"}
 ROLE_NEEDS = {
     "gateway": {"redis"},
     "routing": {"postgres", "redis", "smtp"},
-    "bots": {"postgres"},
+    "bots": {"postgres", "redis"},
     "registry": {"redis"},
 }
 

@@ -161,7 +161,7 @@ containers:
       {{- /* Each role gets the connections it uses and no others: only routing and bots touch
              PostgreSQL, Redis carries events between routing, gateways and the registry (which
              announces expired gateways' users offline), and routing sends the mail. */}}
-      {{- $needs := get (dict "gateway" (list "redis") "routing" (list "postgres" "redis" "smtp") "bots" (list "postgres") "registry" (list "redis")) .component }}
+      {{- $needs := get (dict "gateway" (list "redis") "routing" (list "postgres" "redis" "smtp") "bots" (list "postgres" "redis") "registry" (list "redis")) .component }}
       {{- $external := ne $root.Values.existingSecret "" }}
       {{- if has "postgres" $needs }}
       - name: BESEDA_STORE_BACKEND

@@ -438,6 +438,11 @@ impl NodeConfig {
         if roles.has(Role::Registry) {
             self.registry_peers()?;
             self.registry_id()?;
+            if split && cluster.redis_url.is_none() {
+                bail!(
+                    "a registry voter announces the users of expired gateways offline through Redis: set cluster.redis_url (BESEDA_REDIS_URL)"
+                );
+            }
         }
         if self.cluster.endpoint_refresh_seconds == 0 {
             bail!("cluster.endpoint_refresh_seconds must be at least 1");
@@ -638,6 +643,9 @@ mod tests {
             ("BESEDA_REGISTRY_PEERS".to_owned(), "1=http://a:9087,2=http://b:9087,3=http://c:9087".to_owned()),
             ("BESEDA_REGISTRY_ID".to_owned(), "2".to_owned()),
         ];
+        let error = NodeConfig::load(None, &environment).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("BESEDA_REDIS_URL"), "{error}");
+        environment.push(("BESEDA_REDIS_URL".to_owned(), "redis://127.0.0.1:6379".to_owned()));
         let config = NodeConfig::load(None, &environment).unwrap();
         config.validate().unwrap();
         assert_eq!(config.registry_id().unwrap(), 2);
