@@ -106,7 +106,7 @@ fn closed(code: ErrorCode, message: impl Into<String>) -> wire::ProcessingServer
     }
 }
 
-fn error_frame(error: &Error) -> wire::ProcessingServerFrame {
+pub(crate) fn error_frame(error: &Error) -> wire::ProcessingServerFrame {
     wire::ProcessingServerFrame {
         frame: Some(wire::processing_server_frame::Frame::Error(wire::Error {
             code: error.code.as_str().into(),

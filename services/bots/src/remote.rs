@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 /// Frames buffered in each direction of a forwarded processing connection.
 const FRAMES_BUFFERED: usize = 256;
 
-use crate::processing::{ClientFrames, ProcessingConnector, ServerFrames};
+use crate::processing::{ClientFrames, ProcessingConnector, ServerFrames, error_frame};
 
 /// Forwards the bots API to the bots instances.
 #[derive(Clone)]
@@ -70,16 +70,6 @@ pub struct RemoteProcessing {
 impl RemoteProcessing {
     pub async fn connect(endpoints: &[String], config: ClusterClientConfig) -> Result<Self, Error> {
         Ok(RemoteProcessing { pool: EndpointPool::start("bots", endpoints, config, BotProcessingClient::new).await? })
-    }
-}
-
-fn error_frame(error: &Error) -> wire::ProcessingServerFrame {
-    wire::ProcessingServerFrame {
-        frame: Some(wire::processing_server_frame::Frame::Error(wire::Error {
-            code: error.code.as_str().into(),
-            message: error.message.clone(),
-            field: error.field.clone().unwrap_or_default(),
-        })),
     }
 }
 

@@ -8,13 +8,7 @@ use common::*;
 use serde_json::json;
 
 fn postgres_url() -> Option<String> {
-    match std::env::var("BESEDA_TEST_PG_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("BESEDA_TEST_PG_URL is not set: the PostgreSQL end-to-end tests were skipped");
-            None
-        }
-    }
+    common::postgres_url("the PostgreSQL end-to-end tests")
 }
 
 fn fresh_schema() -> String {

@@ -15,13 +15,7 @@ use super::TestServer;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn postgres_url() -> Option<String> {
-    match std::env::var("BESEDA_TEST_PG_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("BESEDA_TEST_PG_URL is not set: the cluster tests need PostgreSQL and were skipped");
-            None
-        }
-    }
+    super::postgres_url("the cluster tests")
 }
 
 fn free_port() -> u16 {

@@ -18,6 +18,19 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The PostgreSQL URL of tests that need it, from `BESEDA_TEST_PG_URL`
+/// (CI sets it, and then those tests must pass); `None`, with a note naming
+/// `what` was skipped, where it is not set.
+pub fn postgres_url(what: &str) -> Option<String> {
+    match std::env::var("BESEDA_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("BESEDA_TEST_PG_URL is not set: {what} need PostgreSQL and were skipped");
+            None
+        }
+    }
+}
+
 pub struct TestServer {
     pub base_url: String,
     pub ws_url: String,
