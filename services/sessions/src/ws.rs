@@ -11,7 +11,7 @@
 //! events at or below the last seq sent are dropped, and a gap (or a bus
 //! lag) is filled from the conversation's event log before going on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -155,7 +155,14 @@ struct Connection {
     streams: StreamMap<StreamKey, BusStream>,
     /// Last seq sent per subscribed conversation.
     conversations: HashMap<String, u64>,
+    /// Message ids of the latest notifications pushed: a Redis bus resends
+    /// what it is unsure of after a reconnect, and conversation events are
+    /// deduplicated by seq, notifications by this.
+    recent_notifications: VecDeque<String>,
 }
+
+/// Notifications remembered per connection for deduplication.
+const RECENT_NOTIFICATIONS: usize = 64;
 
 impl Connection {
     /// Queues a push; a full queue means a slow consumer.
@@ -289,6 +296,15 @@ impl Connection {
                             ErrorCode::UserBlocked,
                             "the user was blocked by an administrator",
                         )));
+                    }
+                    if let Some(wire::user_event::Kind::Notification(notification)) = &user_event.kind {
+                        if self.recent_notifications.contains(&notification.message_id) {
+                            return Ok(());
+                        }
+                        if self.recent_notifications.len() == RECENT_NOTIFICATIONS {
+                            self.recent_notifications.pop_front();
+                        }
+                        self.recent_notifications.push_back(notification.message_id.clone());
                     }
                     self.push(server_frame::Body::UserEvent(user_event.clone()))
                 }
@@ -586,6 +602,7 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         queue: queue.clone(),
         streams: StreamMap::new(),
         conversations: HashMap::new(),
+        recent_notifications: VecDeque::new(),
     };
     let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
     connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).await.into_stream()));

@@ -282,3 +282,37 @@ async fn resuming_from_a_seq_the_conversation_never_reached_is_refused() {
     assert_eq!(answer["error"]["code"], "invalid_value", "{answer}");
     assert_eq!(answer["error"]["field"], "afterSeq");
 }
+
+#[tokio::test]
+async fn a_notification_the_bus_delivers_twice_is_shown_once() {
+    // The Redis bus resends what it could not confirm after a reconnect;
+    // conversation events are deduplicated by seq, notifications by message id.
+    let harness = start().await;
+    let (mut socket, _, caller) = subscribed(&harness).await;
+    let user_id = caller.user_id.clone().unwrap();
+    let notification = |message_id: &str| wire::BusEvent {
+        application_id: harness.application_id.clone(),
+        trace_context: Default::default(),
+        kind: Some(wire::bus_event::Kind::UserEvent(wire::UserEvent {
+            user_id: user_id.clone(),
+            kind: Some(wire::user_event::Kind::Notification(wire::Notification {
+                conversation_id: "c".into(),
+                message_id: message_id.into(),
+                text: format!("about {message_id}"),
+                ..Default::default()
+            })),
+        })),
+    };
+    let topic = Topic::User { application_id: harness.application_id.clone(), user_id: user_id.clone() };
+    for message_id in ["m1", "m1", "m2", "m1", "m2", "m3"] {
+        harness.bus.publish(&topic, notification(message_id)).await;
+    }
+    let mut shown = Vec::new();
+    while shown.len() < 3 {
+        let frame = next_frame(&mut socket).await;
+        if let Some(notification) = frame.get("userEvent").and_then(|event| event.get("notification")) {
+            shown.push(notification["messageId"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(shown, vec!["m1", "m2", "m3"]);
+}
