@@ -91,6 +91,9 @@ pub struct BotsService {
     pub(crate) relay_wakeup: Arc<tokio::sync::Notify>,
     /// Wakes the outbound dispatcher when the relay queued something.
     pub(crate) outbound_wakeup: Arc<tokio::sync::Notify>,
+    /// Applications the relay just queued deliveries for, for other bots
+    /// processes whose connections or dispatchers serve them.
+    pub(crate) relayed: tokio::sync::broadcast::Sender<Vec<String>>,
 }
 
 impl BotsService {
@@ -109,7 +112,24 @@ impl BotsService {
             config,
             relay_wakeup,
             outbound_wakeup: Arc::new(tokio::sync::Notify::new()),
+            relayed: tokio::sync::broadcast::channel(64).0,
         }
+    }
+
+    /// The applications each relay batch queued deliveries for (the embedding
+    /// process tells other bots processes through the bus).
+    pub fn relayed_applications(&self) -> tokio::sync::broadcast::Receiver<Vec<String>> {
+        self.relayed.subscribe()
+    }
+
+    /// Another process's relay queued deliveries for these applications:
+    /// their processing connections here, and the outbound dispatcher, look
+    /// at their queues now rather than at their next poll.
+    pub fn deliveries_queued(&self, application_ids: &[String]) {
+        for application_id in application_ids {
+            self.processing.wake(application_id);
+        }
+        self.outbound_wakeup.notify_one();
     }
 
     pub fn config(&self) -> &BotsConfig {

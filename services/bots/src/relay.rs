@@ -74,11 +74,16 @@ pub async fn relay_batch(service: &BotsService) -> Result<usize> {
     let ids: Vec<i64> = batch.iter().map(|entry| entry.id).collect();
     store.relay_outbox(&ids, &deliveries).await?;
     metrics::counter!("beseda_relayed_events_total").increment(batch.len() as u64);
-    for application_id in bot_applications {
-        service.processing.wake(&application_id);
+    for application_id in &bot_applications {
+        service.processing.wake(application_id);
     }
     if outbound {
         service.outbound_wakeup.notify_one();
+    }
+    let applications: HashSet<String> = deliveries.iter().map(|(application_id, _)| application_id.clone()).collect();
+    if !applications.is_empty() {
+        // Nobody listening (one process) is fine.
+        let _ = service.relayed.send(applications.into_iter().collect());
     }
     Ok(batch.len())
 }

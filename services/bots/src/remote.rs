@@ -78,7 +78,9 @@ impl ProcessingConnector for RemoteProcessing {
         let pool = self.pool.clone();
         let (downstream_sender, downstream) = mpsc::channel::<wire::ProcessingServerFrame>(FRAMES_BUFFERED);
         tokio::spawn(async move {
-            let Some(mut client) = pool.next_client().await else {
+            // All processing connections of one application meet on one bots
+            // instance, where a newer one supersedes the older (standard #798).
+            let Some(mut client) = pool.client_for_key(&caller.application_id).await else {
                 let error = Error::new(ErrorCode::Unavailable, "no bots instance is known; connect again shortly");
                 let _ = downstream_sender.send(error_frame(&error)).await;
                 return;

@@ -228,15 +228,14 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
         )))
     }
 
-    /// The next instance in round-robin order, for calls that cannot be
-    /// repeated on another instance (streams).
-    pub async fn next_client(&self) -> Option<C> {
+    /// The instance that owns `key` by rendezvous hashing: every caller with
+    /// the same pool picks the same instance for a key, and when an instance
+    /// joins or leaves only the keys it owns (or takes) move. Used where all
+    /// of one tenant's streams must meet on one instance (bot processing
+    /// connections, whose "one per application" rule is kept per instance).
+    pub async fn client_for_key(&self, key: &str) -> Option<C> {
         let members = self.members.read().await;
-        if members.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % members.len();
-        Some(members[index].client.clone())
+        members.iter().max_by_key(|member| rendezvous_weight(key, &member.address)).map(|member| member.client.clone())
     }
 
     /// Adds the cluster token to an outgoing request.
@@ -247,6 +246,21 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
             request.metadata_mut().insert(CLUSTER_TOKEN_KEY, value);
         }
     }
+}
+
+/// A stable weight of (key, instance): FNV-1a, so that every process of the
+/// cluster computes the same value (std's hasher is randomly seeded).
+fn rendezvous_weight(key: &str, address: &SocketAddr) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes().chain([0]).chain(address.to_string().bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for similar inputs; a final avalanche evens
+    // out the choice between instances.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
 }
 
 /// True when the request cannot have reached the instance: the connection
@@ -326,6 +340,30 @@ mod tests {
         for bad in ["routing:9087", "ftp://routing:9087", "http://routing", "http://routing:port", "http://:9087"] {
             let error = Target::parse(bad, "cluster.routing_endpoints").unwrap_err();
             assert_eq!(error.field.as_deref(), Some("cluster.routing_endpoints"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_stick_to_one_instance_and_spread_over_all() {
+        let addresses: Vec<SocketAddr> = (1..=3).map(|port| SocketAddr::from(([10, 0, 0, port as u8], 9087))).collect();
+        let owner = |key: &str, members: &[SocketAddr]| {
+            *members.iter().max_by_key(|address| rendezvous_weight(key, address)).unwrap()
+        };
+        let mut owned = std::collections::HashMap::new();
+        for index in 0..3000 {
+            let key = format!("application-{index}");
+            *owned.entry(owner(&key, &addresses)).or_insert(0) += 1;
+            // Removing an instance that does not own the key never moves it.
+            let removed = addresses[index % addresses.len()];
+            if removed != owner(&key, &addresses) {
+                let survivors: Vec<SocketAddr> =
+                    addresses.iter().copied().filter(|address| *address != removed).collect();
+                assert_eq!(owner(&key, &survivors), owner(&key, &addresses), "{key}");
+            }
+        }
+        assert_eq!(owned.len(), 3);
+        for count in owned.values() {
+            assert!((800..=1200).contains(count), "keys spread evenly: {owned:?}");
         }
     }
 

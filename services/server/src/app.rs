@@ -177,7 +177,9 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     // Across processes, routing's outbox commits reach the bots relay over the bus.
     match (&local_routing, &local_bots, &bus) {
         (Some(routing), None, Some(bus)) => forward_outbox_commits(routing.outbox_signal(), bus.clone()),
-        (None, Some(bots), Some(bus)) => wake_relay_on_outbox_commits(bots.clone(), bus.clone()).await,
+        (_, Some(bots), Some(bus)) if config.cluster.redis_url.is_some() => {
+            connect_bots_to_the_bus(bots.clone(), bus.clone()).await
+        }
         _ => {}
     }
 
@@ -270,13 +272,41 @@ fn forward_outbox_commits(signal: Arc<tokio::sync::Notify>, bus: Arc<dyn Bus>) {
 /// Commits closer together than this wake a remote relay once.
 const OUTBOX_WAKEUP_COALESCING: Duration = Duration::from_millis(5);
 
-/// Wakes this process's relay whenever a routing node commits outbox rows
-/// (a lost wake-up costs at most the relay's poll interval).
-async fn wake_relay_on_outbox_commits(bots: BotsService, bus: Arc<dyn Bus>) {
-    let mut commits = bus.subscribe(&beseda_bus::Topic::Outbox).await;
+/// Connects a bots process to the others through the bus: its relay wakes
+/// when a routing node commits outbox rows, its processing connections and
+/// dispatcher when another bots process's relay queued deliveries, and it
+/// announces what its own relay queued. A lost wake-up costs at most the
+/// poll interval.
+async fn connect_bots_to_the_bus(bots: BotsService, bus: Arc<dyn Bus>) {
+    use beseda_proto::v1::bus_event::Kind;
+    let mut events = bus.subscribe(&beseda_bus::Topic::Outbox).await;
+    let listener = bots.clone();
     tokio::spawn(async move {
-        while commits.recv().await.is_some() {
-            bots.wake();
+        while let Some(received) = events.recv().await {
+            match received {
+                beseda_bus::Received::Event(event) => match &event.kind {
+                    Some(Kind::OutboxCommitted(_)) => listener.wake(),
+                    Some(Kind::DeliveriesQueued(queued)) => listener.deliveries_queued(&queued.application_ids),
+                    _ => {}
+                },
+                // Missed some: look at everything.
+                beseda_bus::Received::Lagged(_) => listener.wake(),
+            }
+        }
+    });
+    let mut relayed = bots.relayed_applications();
+    tokio::spawn(async move {
+        loop {
+            let application_ids = match relayed.recv().await {
+                Ok(application_ids) => application_ids,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let event = beseda_proto::v1::BusEvent {
+                kind: Some(Kind::DeliveriesQueued(beseda_proto::v1::DeliveriesQueued { application_ids })),
+                ..Default::default()
+            };
+            bus.publish(&beseda_bus::Topic::Outbox, event).await;
         }
     });
 }

@@ -1,10 +1,10 @@
 //! The cluster under failure, as separate OS processes on loopback: three
-//! registry voters, two routing nodes, a bots node and two gateways, on
+//! registry voters, two routing nodes, two bots nodes and two gateways, on
 //! PostgreSQL and a Redis server of the test's own (tests/common/cluster.rs).
 //! Runs when `BESEDA_TEST_PG_URL` is set; CI sets it, and then these must pass.
 //!
 //! Each test starts its own cluster, is bounded by timeouts and kills
-//! everything it started. They run one at a time: eight processes each on
+//! everything it started. They run one at a time: nine processes each on
 //! a two-core machine are plenty.
 
 mod common;
@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, GATEWAY_LEASE_SECONDS, postgres_url};
+use common::processing::Processing;
 use common::*;
 use serde_json::{Value, json};
 
@@ -450,6 +451,61 @@ async fn a_bot_answers_through_a_gateway_while_bots_run_in_their_own_process() {
         }
         let _ = stop.send(());
         bot.await.unwrap().unwrap();
+    })
+    .await
+    .expect("the scenario finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_processing_connection_per_application_holds_across_gateways_and_bots_nodes() {
+    let Some(url) = postgres_url() else { return };
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let cluster = Cluster::start(&url).await;
+        let scene = scene(&cluster).await;
+        let (first_gateway, second_gateway) = (cluster.gateway(0), cluster.gateway(1));
+        // The application's connection through gateway 1 ...
+        let mut older = Processing::connect(&first_gateway, &scene.application, json!([{"botType": "Echo"}])).await;
+        let bot_user_id = older.bot_user("Echo");
+        // ... is superseded by a newer one through gateway 2: both gateways
+        // send one application's processing connections to the same bots node.
+        let mut newer = Processing::connect(&second_gateway, &scene.application, json!([{"botType": "Echo"}])).await;
+        let closed = loop {
+            let frame = older.next_frame().await.expect("a closing frame");
+            if let Some(closed) = frame.get("closed") {
+                break closed.clone();
+            }
+        };
+        assert_eq!(closed["code"], "lease_superseded", "{closed}");
+        // The newer connection gets the events, whichever bots node relayed them.
+        let created = second_gateway
+            .ok(
+                "POST",
+                "/api/v1/conversations",
+                &scene.application.privileged(),
+                Some(json!({"conversation": {"group": false, "memberIds": [scene.ids["Alice"], bot_user_id]}})),
+            )
+            .await;
+        let conversation_id = created["id"].as_str().unwrap().to_owned();
+        let alice = scene.application.user("a1", "Alice");
+        let path = format!("/api/v1/conversations/{conversation_id}/messages");
+        for round in 1..=3 {
+            let text = format!("to the bot {round}");
+            first_gateway.ok("POST", &path, &alice, Some(json!({"text": text}))).await;
+            let event = newer.next_message_event().await;
+            assert_eq!(event["message"]["text"], text.as_str());
+            newer.ack(&event).await;
+        }
+        // Once more through the same gateway, which would pick the other bots
+        // node if it balanced processing connections round-robin.
+        let _newest = Processing::connect(&second_gateway, &scene.application, json!([{"botType": "Echo"}])).await;
+        let closed = loop {
+            let frame = newer.next_frame().await.expect("a closing frame");
+            if let Some(closed) = frame.get("closed") {
+                break closed.clone();
+            }
+        };
+        assert_eq!(closed["code"], "lease_superseded", "{closed}");
     })
     .await
     .expect("the scenario finished in time");

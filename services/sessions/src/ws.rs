@@ -312,8 +312,10 @@ impl Connection {
                     ErrorCode::ApplicationNotRegistered,
                     format!("{}; connect again with a token signed by the current key", changed.reason),
                 ))),
-                // Meant for the bots relay; a connection never subscribes to it.
-                Some(wire::bus_event::Kind::OutboxCommitted(_)) | None => Ok(()),
+                // Meant for bots processes; a connection never subscribes to them.
+                Some(wire::bus_event::Kind::OutboxCommitted(_) | wire::bus_event::Kind::DeliveriesQueued(_)) | None => {
+                    Ok(())
+                }
             },
         }
     }

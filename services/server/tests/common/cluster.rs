@@ -1,5 +1,5 @@
 //! A whole cluster of real OS processes on loopback: three registry voters,
-//! two routing nodes, a bots node and two gateways, each a `beseda serve
+//! two routing nodes, two bots nodes and two gateways, each a `beseda serve
 //! --role …` child, on PostgreSQL (its own schema) and a Redis server of its
 //! own (so a test may kill and restart it). Everything started is killed when
 //! the cluster is dropped; when a test fails, the tail of every process's log
@@ -194,7 +194,7 @@ pub struct Cluster {
     pub redis: RedisServer,
     pub registry: Vec<Process>,
     pub routing: Vec<Process>,
-    pub bots: Process,
+    pub bots: Vec<Process>,
     pub gateways: Vec<Process>,
     pub outbox: PathBuf,
 }
@@ -260,14 +260,19 @@ impl Cluster {
             .map(|id| process(&format!("routing-{id}"), store(vec![("BESEDA_ROLES", "routing".into())])))
             .collect();
         let routing_endpoints = routing.iter().map(Process::grpc_url).collect::<Vec<_>>().join(",");
-        let bots = process(
-            "bots-1",
-            store(vec![
-                ("BESEDA_ROLES", "bots".into()),
-                ("BESEDA_ROUTING_ENDPOINTS", routing_endpoints.clone()),
-                ("BESEDA_BOTS_OUTBOUND_ALLOW_PRIVATE_ADDRESSES", "true".into()),
-            ]),
-        );
+        let bots: Vec<Process> = (1..=2)
+            .map(|id| {
+                process(
+                    &format!("bots-{id}"),
+                    store(vec![
+                        ("BESEDA_ROLES", "bots".into()),
+                        ("BESEDA_ROUTING_ENDPOINTS", routing_endpoints.clone()),
+                        ("BESEDA_BOTS_OUTBOUND_ALLOW_PRIVATE_ADDRESSES", "true".into()),
+                    ]),
+                )
+            })
+            .collect();
+        let bots_endpoints = bots.iter().map(Process::grpc_url).collect::<Vec<_>>().join(",");
         let registry_endpoints = registry.iter().map(Process::grpc_url).collect::<Vec<_>>().join(",");
         let gateways: Vec<Process> = (1..=2)
             .map(|id| {
@@ -277,7 +282,7 @@ impl Cluster {
                         ("BESEDA_ROLES", "gateway".into()),
                         ("BESEDA_REDIS_URL", redis.url()),
                         ("BESEDA_ROUTING_ENDPOINTS", routing_endpoints.clone()),
-                        ("BESEDA_BOTS_ENDPOINTS", bots.grpc_url()),
+                        ("BESEDA_BOTS_ENDPOINTS", bots_endpoints.clone()),
                         ("BESEDA_REGISTRY_ENDPOINTS", registry_endpoints.clone()),
                     ],
                 )
@@ -302,7 +307,9 @@ impl Cluster {
             node.spawn();
             node.wait_healthy().await;
         }
-        cluster.bots.spawn();
+        for node in &mut cluster.bots {
+            node.spawn();
+        }
         for gateway in &mut cluster.gateways {
             gateway.spawn();
         }
@@ -313,7 +320,7 @@ impl Cluster {
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Process> {
-        self.registry.iter().chain(&self.routing).chain(std::iter::once(&self.bots)).chain(&self.gateways)
+        self.registry.iter().chain(&self.routing).chain(&self.bots).chain(&self.gateways)
     }
 
     /// The helpers' view of gateway `index`.
@@ -345,10 +352,10 @@ impl Drop for Cluster {
                 eprintln!("===== {} (last lines of its log) =====\n{}", process.name, process.log_tail());
             }
         }
-        for process in self.gateways.iter_mut().chain(&mut self.routing).chain(&mut self.registry) {
+        for process in self.gateways.iter_mut().chain(&mut self.routing).chain(&mut self.bots).chain(&mut self.registry)
+        {
             process.kill();
         }
-        self.bots.kill();
         self.redis.kill();
         let _ = Command::new("psql")
             .arg(&self.postgres_url)
