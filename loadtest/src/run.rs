@@ -260,6 +260,18 @@ pub fn due(start: tokio::time::Instant, index: u64, rate: f64) -> tokio::time::I
     start + Duration::from_secs_f64(index as f64 / rate.max(f64::MIN_POSITIVE))
 }
 
+/// Waits for the sending tasks and keeps the writers of those that ended
+/// normally: their connections stay open while deliveries drain.
+pub async fn finished_writers<W>(sending: Vec<tokio::task::JoinHandle<W>>) -> Vec<W> {
+    let mut finished = Vec::with_capacity(sending.len());
+    for task in sending {
+        if let Ok(writer) = task.await {
+            finished.push(writer);
+        }
+    }
+    finished
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -40,11 +40,18 @@ impl ClusterToken {
     }
 }
 
-impl tonic::service::Interceptor for ClusterToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+impl ClusterToken {
+    /// Adds the token (if any) to one outgoing request.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
         if let Some(token) = &self.0 {
             request.metadata_mut().insert(CLUSTER_TOKEN_METADATA, token.clone());
         }
+    }
+}
+
+impl tonic::service::Interceptor for ClusterToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.authorize(&mut request);
         Ok(request)
     }
 }

@@ -385,12 +385,7 @@ pub async fn run(scenario: BotEcho) -> anyhow::Result<RunResult> {
             writer
         }));
     }
-    let mut finished = Vec::new();
-    for task in sending {
-        if let Ok(writer) = task.await {
-            finished.push(writer);
-        }
-    }
+    let finished = crate::run::finished_writers(sending).await;
     drain(&run, common).await;
     // Until the last echo (or the drain deadline): the phase as it really lasted.
     let elapsed = start.elapsed().max(common.duration()).as_secs_f64();

@@ -285,12 +285,7 @@ pub async fn run(scenario: Churn) -> anyhow::Result<RunResult> {
             writer
         }));
     }
-    let mut finished = Vec::new();
-    for task in sending {
-        if let Ok(writer) = task.await {
-            finished.push(writer);
-        }
-    }
+    let finished = crate::run::finished_writers(sending).await;
     // No more planned reconnects; every client must catch up.
     settle.send_replace(true);
     drain(&run, common).await;

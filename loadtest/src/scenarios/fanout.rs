@@ -183,11 +183,7 @@ pub async fn run(scenario: Fanout) -> anyhow::Result<RunResult> {
         }));
     }
     let mut idle_writers = writers;
-    for task in sending {
-        if let Ok(writer) = task.await {
-            idle_writers.push(writer);
-        }
-    }
+    idle_writers.extend(crate::run::finished_writers(sending).await);
     if scenario.relay {
         drain(&run, common).await;
     } else {

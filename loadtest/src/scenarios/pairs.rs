@@ -125,12 +125,7 @@ pub async fn run(scenario: Pairs) -> anyhow::Result<RunResult> {
             writer
         }));
     }
-    let mut finished = Vec::new();
-    for task in sending {
-        if let Ok(writer) = task.await {
-            finished.push(writer);
-        }
-    }
+    let finished = crate::run::finished_writers(sending).await;
     // Connections stay open until what is on its way has arrived.
     drain_acknowledged(&run, common).await;
     for mut writer in finished {

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use beseda_core::Error;
+use beseda_proto::ClusterToken;
 use tokio::sync::RwLock;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -98,6 +99,8 @@ pub struct EndpointPool<C> {
     members: RwLock<Vec<Member<C>>>,
     next: AtomicUsize,
     config: ClusterClientConfig,
+    /// `config.token`, parsed once into header form.
+    token: ClusterToken,
 }
 
 impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
@@ -115,8 +118,15 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
             return Err(Error::invalid(&setting, format!("no {service} endpoint is configured")));
         }
         let targets = urls.iter().map(|url| Target::parse(url, &setting)).collect::<Result<Vec<_>, _>>()?;
-        let pool =
-            Arc::new(EndpointPool { service, members: RwLock::new(Vec::new()), next: AtomicUsize::new(0), config });
+        let token =
+            ClusterToken::new(config.token.as_deref()).map_err(|reason| Error::invalid("cluster.token", reason))?;
+        let pool = Arc::new(EndpointPool {
+            service,
+            members: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            config,
+            token,
+        });
         let resolved = pool.refresh(&targets, make_client).await;
         if resolved == 0 {
             return Err(Error::invalid(
@@ -193,20 +203,33 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let clients: Vec<(SocketAddr, C)> =
-            self.members.read().await.iter().map(|member| (member.address, member.client.clone())).collect();
-        if clients.is_empty() {
-            return Err(Status::unavailable(format!("no {} instance is known; check cluster endpoints", self.service)));
-        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut last_error = None;
-        for offset in 0..clients.len() {
-            let (address, client) = &clients[(start + offset) % clients.len()];
-            match call(client.clone()).await {
+        let mut tried = 0;
+        loop {
+            // One client cloned per attempt, not the whole pool per call.
+            let picked = {
+                let members = self.members.read().await;
+                let count = members.len();
+                members.get((start + tried) % count.max(1)).map(|member| (member.address, member.client.clone(), count))
+            };
+            let Some((address, client, count)) = picked else {
+                return Err(Status::unavailable(format!(
+                    "no {} instance is known; check cluster endpoints",
+                    self.service
+                )));
+            };
+            match call(client).await {
                 Err(status) if never_sent(&status) => {
                     tracing::debug!(service = self.service, %address, %status, "instance unreachable; trying the next");
                     metrics::counter!("beseda_cluster_failovers_total", "service" => self.service).increment(1);
-                    last_error = Some(status);
+                    tried += 1;
+                    if tried >= count {
+                        return Err(Status::unavailable(format!(
+                            "no {} instance could be reached ({tried} tried; last: {}); retry shortly",
+                            self.service,
+                            status.message()
+                        )));
+                    }
                 }
                 Err(status) if lost_in_flight(&status) => {
                     metrics::counter!("beseda_cluster_calls_lost_total", "service" => self.service).increment(1);
@@ -219,13 +242,6 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
                 answer => return answer,
             }
         }
-        let status = last_error.unwrap_or_else(|| Status::unavailable("no instance answered"));
-        Err(Status::unavailable(format!(
-            "no {} instance could be reached ({} tried; last: {}); retry shortly",
-            self.service,
-            clients.len(),
-            status.message()
-        )))
     }
 
     /// The instance that owns `key` by rendezvous hashing: every caller with
@@ -240,11 +256,7 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
 
     /// Adds the cluster token to an outgoing request.
     pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
-        if let Some(token) = &self.config.token
-            && let Ok(value) = token.parse()
-        {
-            request.metadata_mut().insert(CLUSTER_TOKEN_KEY, value);
-        }
+        self.token.authorize(request);
     }
 }
 

@@ -348,7 +348,14 @@ async fn start_registry_node(config: &NodeConfig, bus: Option<Arc<dyn Bus>>) -> 
             }
         });
     });
-    RegistryNode::start(config.registry_node_config()?, on_expired).await.context("cannot start the registry voter")
+    let node_config = config.registry_node_config()?;
+    if node_config.peers.len() % 2 == 0 {
+        tracing::warn!(
+            voters = node_config.peers.len(),
+            "an even number of registry voters tolerates no more failures than one fewer; use 3 or 5"
+        );
+    }
+    RegistryNode::start(node_config, on_expired).await.context("cannot start the registry voter")
 }
 
 /// Serves until `shutdown` resolves; then tells WebSocket clients to

@@ -482,12 +482,6 @@ impl NodeConfig {
                 "the registry role needs registry.peers (BESEDA_REGISTRY_PEERS), e.g. 1=http://r0:9087,2=http://r1:9087,3=http://r2:9087"
             );
         }
-        if peers.len() % 2 == 0 {
-            tracing::warn!(
-                voters = peers.len(),
-                "an even number of registry voters tolerates no more failures than one fewer"
-            );
-        }
         Ok(peers)
     }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::processing::Processing;
-use common::{Application, TestServer, WAIT, user};
+use common::{Application, TestServer, WAIT, one_on_one, user};
 use serde_json::{Value, json};
 
 /// Fast retries and polls, so that failure paths finish in seconds.
@@ -19,18 +19,6 @@ async fn server_with(lease_seconds: u64) -> TestServer {
         config.bots.poll_interval_milliseconds = 50;
     })
     .await
-}
-
-async fn one_on_one(server: &TestServer, application: &Application, a: &str, b: &str) -> String {
-    let created = server
-        .ok(
-            "POST",
-            "/api/v1/conversations",
-            &application.privileged(),
-            Some(json!({"conversation": {"group": false, "memberIds": [a, b]}})),
-        )
-        .await;
-    created["id"].as_str().unwrap().to_owned()
 }
 
 async fn send(server: &TestServer, auth: &common::Auth, conversation_id: &str, body: Value) -> Value {
@@ -349,12 +337,7 @@ async fn two_bots_share_one_connection_and_a_newer_connection_takes_over() {
     seen.sort();
     assert_eq!(seen, ["No:to no", "Yes:to yes"]);
     let _newer = Processing::connect(&server, &application, json!([])).await;
-    let closed = loop {
-        let frame = processing.next_frame().await.expect("a closing frame");
-        if let Some(closed) = frame.get("closed") {
-            break closed.clone();
-        }
-    };
+    let closed = processing.closed().await;
     assert_eq!(closed["code"], "lease_superseded");
 }
 

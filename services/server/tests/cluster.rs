@@ -22,6 +22,21 @@ static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const
 /// Longest any single failure scenario may take before the test fails.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Starts a cluster (one at a time, skipped without PostgreSQL) and runs
+/// `scenario` on it within [`SCENARIO_TIMEOUT`]; the cluster is torn down
+/// when the scenario ends, or fails.
+async fn with_cluster<Scenario, Run>(scenario: Scenario)
+where
+    Scenario: FnOnce(Cluster) -> Run,
+    Run: std::future::Future<Output = ()>,
+{
+    let Some(url) = postgres_url() else { return };
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(SCENARIO_TIMEOUT, async { scenario(Cluster::start(&url).await).await })
+        .await
+        .expect("the scenario finished in time");
+}
+
 fn seq_of(event: &Value) -> u64 {
     event["seq"].as_str().and_then(|seq| seq.parse().ok()).unwrap_or_else(|| panic!("no seq in {event}"))
 }
@@ -135,10 +150,7 @@ async fn await_presence(client: &mut Client, user_id: &str, online: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat_and_a_killed_or_stopped_gateway_loses_nothing() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let mut cluster = Cluster::start(&url).await;
+    with_cluster(|mut cluster| async move {
         let scene = scene(&cluster).await;
         let carol_id = scene.ids["Carol"].clone();
 
@@ -207,16 +219,12 @@ async fn users_on_different_gateways_chat_and_a_killed_or_stopped_gateway_loses_
         events_until(&mut alice, &mut alice_seq, "after the restart").await;
         assert_eq!(scene.stored_texts(&cluster.gateway(0)).await.len(), 8);
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_registry_leader_is_replaced_and_messaging_goes_on() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let mut cluster = Cluster::start(&url).await;
+    with_cluster(|mut cluster| async move {
         let scene = scene(&cluster).await;
         let dave_id = scene.ids["Dave"].clone();
         let mut alice = scene.connect(&cluster, 0, "a1", "Alice").await;
@@ -277,16 +285,12 @@ async fn a_killed_registry_leader_is_replaced_and_messaging_goes_on() {
         scene.send(&mut alice, "after").await;
         assert_eq!(events_until(&mut bob, &mut bob_seq, "after").await, vec!["after"]);
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_no_acknowledged_message() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let mut cluster = Cluster::start(&url).await;
+    with_cluster(|mut cluster| async move {
         let scene = scene(&cluster).await;
         let mut alice = scene.connect(&cluster, 0, "a1", "Alice").await;
         let mut bob = scene.connect(&cluster, 1, "b1", "Bob").await;
@@ -313,16 +317,12 @@ async fn a_redis_restart_loses_no_acknowledged_message() {
             assert!(extra.get("event").is_none(), "no event may arrive twice: {extra}");
         }
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routing_node_killed_mid_burst_stores_every_acknowledged_message_once() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let mut cluster = Cluster::start(&url).await;
+    with_cluster(|mut cluster| async move {
         let scene = scene(&cluster).await;
         let gateways = [cluster.gateway(0), cluster.gateway(1)];
         let path = format!("/api/v1/conversations/{}/messages", scene.conversation_id);
@@ -386,16 +386,12 @@ async fn a_routing_node_killed_mid_burst_stores_every_acknowledged_message_once(
         let health = cluster.gateways[0].health().await;
         assert_eq!(health["components"]["routing"]["ok"], true, "{health}");
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bot_answers_through_a_gateway_while_bots_run_in_their_own_process() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let cluster = Cluster::start(&url).await;
+    with_cluster(|cluster| async move {
         let scene = scene(&cluster).await;
         let gateway = cluster.gateway(1);
         // The echo bot's application server holds its processing connection
@@ -419,15 +415,7 @@ async fn a_bot_answers_through_a_gateway_while_bots_run_in_their_own_process() {
             assert!(Instant::now() < deadline, "the predefined bot was not created through the gateway");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let created = gateway
-            .ok(
-                "POST",
-                "/api/v1/conversations",
-                &scene.application.privileged(),
-                Some(json!({"conversation": {"group": false, "memberIds": [scene.ids["Alice"], bot_user_id]}})),
-            )
-            .await;
-        let conversation_id = created["id"].as_str().unwrap().to_owned();
+        let conversation_id = one_on_one(&gateway, &scene.application, &scene.ids["Alice"], &bot_user_id).await;
         let alice = scene.application.user("a1", "Alice");
         let path = format!("/api/v1/conversations/{conversation_id}/messages");
         for round in 1..=3 {
@@ -452,16 +440,12 @@ async fn a_bot_answers_through_a_gateway_while_bots_run_in_their_own_process() {
         let _ = stop.send(());
         bot.await.unwrap().unwrap();
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_processing_connection_per_application_holds_across_gateways_and_bots_nodes() {
-    let Some(url) = postgres_url() else { return };
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, async {
-        let cluster = Cluster::start(&url).await;
+    with_cluster(|cluster| async move {
         let scene = scene(&cluster).await;
         let (first_gateway, second_gateway) = (cluster.gateway(0), cluster.gateway(1));
         // The application's connection through gateway 1 ...
@@ -470,23 +454,10 @@ async fn one_processing_connection_per_application_holds_across_gateways_and_bot
         // ... is superseded by a newer one through gateway 2: both gateways
         // send one application's processing connections to the same bots node.
         let mut newer = Processing::connect(&second_gateway, &scene.application, json!([{"botType": "Echo"}])).await;
-        let closed = loop {
-            let frame = older.next_frame().await.expect("a closing frame");
-            if let Some(closed) = frame.get("closed") {
-                break closed.clone();
-            }
-        };
+        let closed = older.closed().await;
         assert_eq!(closed["code"], "lease_superseded", "{closed}");
         // The newer connection gets the events, whichever bots node relayed them.
-        let created = second_gateway
-            .ok(
-                "POST",
-                "/api/v1/conversations",
-                &scene.application.privileged(),
-                Some(json!({"conversation": {"group": false, "memberIds": [scene.ids["Alice"], bot_user_id]}})),
-            )
-            .await;
-        let conversation_id = created["id"].as_str().unwrap().to_owned();
+        let conversation_id = one_on_one(&second_gateway, &scene.application, &scene.ids["Alice"], &bot_user_id).await;
         let alice = scene.application.user("a1", "Alice");
         let path = format!("/api/v1/conversations/{conversation_id}/messages");
         for round in 1..=3 {
@@ -499,14 +470,8 @@ async fn one_processing_connection_per_application_holds_across_gateways_and_bot
         // Once more through the same gateway, which would pick the other bots
         // node if it balanced processing connections round-robin.
         let _newest = Processing::connect(&second_gateway, &scene.application, json!([{"botType": "Echo"}])).await;
-        let closed = loop {
-            let frame = newer.next_frame().await.expect("a closing frame");
-            if let Some(closed) = frame.get("closed") {
-                break closed.clone();
-            }
-        };
+        let closed = newer.closed().await;
         assert_eq!(closed["code"], "lease_superseded", "{closed}");
     })
-    .await
-    .expect("the scenario finished in time");
+    .await;
 }

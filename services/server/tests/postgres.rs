@@ -71,15 +71,8 @@ async fn bot_events_survive_a_restart_and_webhooks_work_on_postgresql() {
     let (alice_id, alice) = user(&server, &application, "a1", "Alice").await;
     let mut processing = processing::Processing::connect(&server, &application, json!([{"botType": "Echo"}])).await;
     let bot_user = processing.bot_user("Echo");
-    let created = server
-        .ok(
-            "POST",
-            "/api/v1/conversations",
-            &application.privileged(),
-            Some(json!({"conversation": {"group": false, "memberIds": [alice_id, bot_user]}})),
-        )
-        .await;
-    let path = format!("/api/v1/conversations/{}/messages", created["id"].as_str().unwrap());
+    let conversation_id = one_on_one(&server, &application, &alice_id, &bot_user).await;
+    let path = format!("/api/v1/conversations/{conversation_id}/messages");
     server.ok("POST", &path, &alice, Some(json!({"text": "first"}))).await;
     let first = processing.next_message_event().await;
     assert_eq!(first["message"]["text"], "first");

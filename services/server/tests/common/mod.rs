@@ -438,6 +438,19 @@ async fn next_json(
     }
 }
 
+/// Creates a one-on-one conversation of `a` and `b` as the application.
+pub async fn one_on_one(server: &TestServer, application: &Application, a: &str, b: &str) -> String {
+    let created = server
+        .ok(
+            "POST",
+            "/api/v1/conversations",
+            &application.privileged(),
+            Some(json!({"conversation": {"group": false, "memberIds": [a, b]}})),
+        )
+        .await;
+    created["id"].as_str().unwrap().to_owned()
+}
+
 /// Creates a group conversation as the application, with these members.
 pub async fn group(server: &TestServer, application: &Application, title: &str, members: &[&str]) -> String {
     let created = server

@@ -82,6 +82,16 @@ impl Processing {
         }
     }
 
+    /// Reads until the server closes the connection with a `closed` frame; returns it.
+    pub async fn closed(&mut self) -> Value {
+        loop {
+            let frame = self.next_frame().await.expect("a closing frame");
+            if let Some(closed) = frame.get("closed") {
+                return closed.clone();
+            }
+        }
+    }
+
     /// Asserts that no event comes within `within`.
     pub async fn expect_no_event(&mut self, within: Duration) {
         if let Ok(Some(Ok(WsMessage::Text(text)))) = tokio::time::timeout(within, self.socket.next()).await {
