@@ -6,6 +6,7 @@
 //! side is [`RaftRpcService`], served by the embedding process.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use beseda_proto::ClusterToken;
@@ -42,6 +43,8 @@ pub(crate) struct GrpcNetworkFactory {
     pub request_timeout: Duration,
     /// Presented to the peers (`cluster.token`).
     pub token: ClusterToken,
+    /// The local address connections leave from (`None`: the OS chooses).
+    pub source_address: Option<IpAddr>,
 }
 
 /// A Raft client that presents the cluster token.
@@ -53,7 +56,10 @@ impl RaftNetworkFactory<RegistryTypeConfig> for GrpcNetworkFactory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GrpcPeer {
         let client = Endpoint::from_shared(node.addr.clone())
             .map(|endpoint| {
-                let endpoint = endpoint.connect_timeout(self.connect_timeout).timeout(self.request_timeout);
+                let endpoint = endpoint
+                    .connect_timeout(self.connect_timeout)
+                    .timeout(self.request_timeout)
+                    .local_address(self.source_address);
                 RegistryRaftClient::with_interceptor(endpoint.connect_lazy(), self.token.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)

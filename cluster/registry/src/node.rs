@@ -2,6 +2,7 @@
 //! the leader's lease-expiry timer.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -50,6 +51,12 @@ pub struct RegistryNodeConfig {
     /// The cluster token presented to the other voters (`cluster.token`);
     /// the embedding process checks it on the way in.
     pub token: Option<String>,
+    /// The local address Raft connections to the other voters leave from;
+    /// `None` lets the operating system choose. For a host with several
+    /// addresses whose peers admit only one; the partition test gives each
+    /// voter its own loopback address this way, so that a relay can tell
+    /// the voters' traffic apart.
+    pub peer_source_address: Option<IpAddr>,
 }
 
 impl RegistryNodeConfig {
@@ -65,6 +72,7 @@ impl RegistryNodeConfig {
             gateway_lease: Duration::from_secs(10),
             snapshot_every_entries: 5_000,
             token: None,
+            peer_source_address: None,
         }
     }
 
@@ -144,6 +152,7 @@ impl RegistryNode {
             connect_timeout: config.election_timeout,
             request_timeout: Duration::from_millis(raft_config.install_snapshot_timeout),
             token: beseda_proto::ClusterToken::new(config.token.as_deref()).map_err(anyhow::Error::msg)?,
+            source_address: config.peer_source_address,
         };
         let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine)
             .await

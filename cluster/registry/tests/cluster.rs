@@ -404,3 +404,109 @@ async fn only_the_lowest_peer_founds_the_cluster() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_neither_answers_nor_commits_and_the_majority_goes_on() {
+    let _one_at_a_time = ONE_CLUSTER_AT_A_TIME.lock().await;
+    bounded(async {
+        let cluster = TestCluster::start_partitionable(3).await;
+        let network = cluster.network.as_ref().expect("relays between the nodes");
+        let old_leader = cluster.wait_for_leader(LEADER_WAIT).await;
+        let old_term = cluster.status(old_leader).await.term;
+        // A gateway on the majority's side of the cut: it knows the nodes by
+        // their relays, as they know each other.
+        let gateway = RaftRegistryClient::start(
+            cluster.peers.values().cloned().collect(),
+            "gateway-a".into(),
+            ClientConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(gateway.connected(&user("alice"), "gateway-a").await.unwrap(), PresenceChange::CameOnline);
+
+        let cut_at = Instant::now();
+        network.isolate(old_leader);
+        let majority: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != old_leader).collect();
+        let deadline = Instant::now() + LEADER_WAIT;
+        let new_leader = loop {
+            if let Some(leader) = agreed_leader_after(&cluster, &majority, old_term).await {
+                break leader;
+            }
+            assert!(Instant::now() < deadline, "the majority elected no leader within {LEADER_WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!("partition: the majority elected node {new_leader} {:?} after the cut", cut_at.elapsed());
+
+        let change = gateway.connected(&user("bob"), "gateway-a").await.expect("the majority takes writes");
+        assert_eq!(change, PresenceChange::CameOnline);
+        eprintln!("partition: the first write after the cut succeeded {:?} after it", cut_at.elapsed());
+
+        // A client on the old leader's side: the old leader still believes it
+        // leads (nobody told it otherwise), but a linearizable read needs a
+        // quorum to confirm that, so it answers nothing rather than the
+        // stale "bob is offline".
+        let old_leader_url = cluster.nodes[&old_leader].url();
+        let mut minority = RegistryApiClient::connect(old_leader_url).await.unwrap();
+        let is_bob_online = wire::RegistryQueryRequest {
+            query: Some(wire::registry_query_request::Query::IsOnline(wire::RegistryUserKey {
+                application_id: "app".into(),
+                user_id: "bob".into(),
+            })),
+        };
+        let refused = tokio::time::timeout(Duration::from_secs(10), minority.query(is_bob_online))
+            .await
+            .expect("the cut-off leader answers within 10 s")
+            .expect_err("a cut-off leader never answers a read");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("quorum"), "{}", refused.message());
+
+        // A write to the cut-off leader is never acknowledged, and never
+        // takes effect: once the cut heals, the new leader's log replaces it.
+        let carol = wire::RegistryApplyRequest {
+            command: Some(wire::registry_apply_request::Command::Batch(wire::RegistryBatch {
+                gateway: "gateway-z".into(),
+                session: 1,
+                sequence: 1,
+                lease_ms: 60_000,
+                deltas: vec![wire::RegistryDelta {
+                    user: Some(wire::RegistryUserKey { application_id: "app".into(), user_id: "carol".into() }),
+                    kind: wire::RegistryDeltaKind::Connected as i32,
+                }],
+            })),
+        };
+        let write = tokio::spawn(async move { minority.apply(carol).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!write.is_finished(), "a cut-off leader answered a write it cannot commit: {:?}", write.await);
+
+        network.heal();
+        let healed_at = Instant::now();
+        eventually(CATCH_UP, "the old leader follows the new one and holds alice and bob", || async {
+            let status = cluster.status(old_leader).await;
+            status.role == "follower" && status.leader_id == Some(new_leader) && status.connection_count == 2
+        })
+        .await;
+        eprintln!("partition: the old leader followed {:?} after the cut healed", healed_at.elapsed());
+        let refused = tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .expect("the pending write is answered once the old leader steps down")
+            .unwrap()
+            .expect_err("the write of a deposed leader is refused");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "told to go to the new leader: {refused:?}");
+        assert!(gateway.is_online(&user("bob")).await.unwrap());
+        assert!(!gateway.is_online(&user("carol")).await.unwrap(), "the unacknowledged write took effect");
+        assert_eq!(gateway.connection_count().await.unwrap(), 2);
+        drop(gateway);
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// The leader every node of `nodes` names, if one of them leads in a term
+/// after `term`.
+async fn agreed_leader_after(cluster: &TestCluster, nodes: &[u64], term: u64) -> Option<u64> {
+    let mut statuses = Vec::new();
+    for id in nodes {
+        statuses.push(cluster.status(*id).await);
+    }
+    let leader = statuses.iter().find(|status| status.role == "leader" && status.term > term)?.node_id;
+    statuses.iter().all(|status| status.leader_id == Some(leader)).then_some(leader)
+}

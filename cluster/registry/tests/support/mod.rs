@@ -1,6 +1,8 @@
 //! A registry cluster in the test process: each node serves its gRPC routes
 //! on its own loopback listener, keeps its data in a temporary directory,
-//! and can be stopped and restarted.
+//! and can be stopped and restarted (or cut off, see [`partition`]).
+
+pub mod partition;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -60,6 +62,8 @@ pub struct TestCluster {
     pub nodes: BTreeMap<u64, TestNode>,
     pub expired: ExpiredLog,
     snapshot_every_entries: u64,
+    /// The relays between the nodes, when the test cuts the network.
+    pub network: Option<partition::Network>,
 }
 
 async fn bind() -> TcpListener {
@@ -69,17 +73,37 @@ async fn bind() -> TcpListener {
 impl TestCluster {
     /// Starts `voters` nodes (ids 1..=voters) that form one cluster.
     pub async fn start(voters: u64, snapshot_every_entries: u64) -> TestCluster {
+        TestCluster::start_with(voters, snapshot_every_entries, false).await
+    }
+
+    /// Starts `voters` nodes that reach each other only through the relays
+    /// of `network`, which can cut any of them off.
+    pub async fn start_partitionable(voters: u64) -> TestCluster {
+        TestCluster::start_with(voters, 5_000, true).await
+    }
+
+    async fn start_with(voters: u64, snapshot_every_entries: u64, partitionable: bool) -> TestCluster {
         let data = tempfile::tempdir().expect("temporary directory");
         let mut listeners = BTreeMap::new();
         for id in 1..=voters {
             listeners.insert(id, bind().await);
         }
-        let peers: BTreeMap<u64, String> = listeners
-            .iter()
-            .map(|(id, listener)| (*id, format!("http://{}", listener.local_addr().unwrap())))
-            .collect();
-        let mut cluster =
-            TestCluster { peers, nodes: BTreeMap::new(), expired: ExpiredLog::default(), snapshot_every_entries, data };
+        let addresses: BTreeMap<u64, SocketAddr> =
+            listeners.iter().map(|(id, listener)| (*id, listener.local_addr().unwrap())).collect();
+        let (network, peers) = if partitionable {
+            let (network, relay_urls) = partition::Network::start(&addresses).await;
+            (Some(network), relay_urls)
+        } else {
+            (None, addresses.iter().map(|(id, address)| (*id, format!("http://{address}"))).collect())
+        };
+        let mut cluster = TestCluster {
+            peers,
+            nodes: BTreeMap::new(),
+            expired: ExpiredLog::default(),
+            snapshot_every_entries,
+            data,
+            network,
+        };
         for (id, listener) in listeners {
             cluster.launch(id, listener).await;
         }
@@ -92,6 +116,9 @@ impl TestCluster {
         config.election_timeout = ELECTION_TIMEOUT;
         config.gateway_lease = GATEWAY_LEASE;
         config.snapshot_every_entries = self.snapshot_every_entries;
+        if self.network.is_some() {
+            config.peer_source_address = Some(partition::source_address(id));
+        }
         config
     }
 
