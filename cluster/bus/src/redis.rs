@@ -91,9 +91,6 @@ pub const CHANNELS_PER_COMMAND: usize = 1_000;
 
 /// A connection attempt that takes longer than this is treated as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A command (a pipeline of `PUBLISH`es, a `SUBSCRIBE`, a `PING`) that gets no
-/// reply within this is treated as a lost connection.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first reconnection delay; it doubles up to the configured maximum.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// A smaller maximum would make a down Redis a busy loop of connection attempts.
@@ -110,6 +107,15 @@ pub struct RedisBusConfig {
     pub publish_queue: usize,
     /// The longest pause between two reconnection attempts.
     pub reconnect_backoff_max: Duration,
+    /// How often the pub/sub connection is checked with a `PING` while it
+    /// is quiet. A connection that died without closing (a partition, a
+    /// peer host lost) would otherwise look like a quiet bus forever.
+    pub ping_interval: Duration,
+    /// A command (a pipeline of `PUBLISH`es, a `SUBSCRIBE`, a `PING`) that
+    /// gets no reply within this is treated as a lost connection. With
+    /// `ping_interval`, it bounds how long a silently dead subscription goes
+    /// unnoticed.
+    pub command_timeout: Duration,
 }
 
 impl Default for RedisBusConfig {
@@ -118,6 +124,8 @@ impl Default for RedisBusConfig {
             channel_prefix: "beseda".into(),
             publish_queue: 65_536,
             reconnect_backoff_max: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -197,21 +205,26 @@ impl RedisBus {
             config.reconnect_backoff_max >= MIN_BACKOFF_MAX,
             "the Redis bus reconnect backoff maximum must be at least {MIN_BACKOFF_MAX:?}"
         );
+        ensure!(
+            !config.ping_interval.is_zero() && !config.command_timeout.is_zero(),
+            "the Redis bus ping interval and command timeout must be longer than zero"
+        );
+        let timings = Timings {
+            backoff_max: config.reconnect_backoff_max,
+            ping_interval: config.ping_interval,
+            command_timeout: config.command_timeout,
+        };
 
         let health = Arc::new(Health::default());
         let (reconcile, reconcile_requests) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared { topics: DashMap::new(), reconcile, health: Arc::clone(&health) });
-        let subscriber_task = tokio::spawn(subscriber::run(
-            Arc::clone(&shared),
-            client.clone(),
-            reconcile_requests,
-            config.reconnect_backoff_max,
-        ))
-        .abort_handle();
+        let subscriber_task =
+            tokio::spawn(subscriber::run(Arc::clone(&shared), client.clone(), reconcile_requests, timings))
+                .abort_handle();
         let (publish_queue, queue) = mpsc::channel(config.publish_queue);
         // Not aborted on drop: it sends what was queued, then ends (see
         // `publisher::run`).
-        tokio::spawn(publisher::run(client.clone(), queue, Arc::clone(&health), config.reconnect_backoff_max));
+        tokio::spawn(publisher::run(client.clone(), queue, Arc::clone(&health), timings));
 
         let bus = Arc::new(RedisBus {
             shared,
@@ -422,6 +435,14 @@ impl Drop for ReleaseOnDrop {
 /// Pauses between reconnection attempts: doubling from [`INITIAL_BACKOFF`] to
 /// a maximum, each randomised down to half so that the gateways of a cluster
 /// do not all reconnect in the same instant after a Redis restart.
+/// The timings of [`RedisBusConfig`] the connection tasks work by.
+#[derive(Clone, Copy, Debug)]
+struct Timings {
+    backoff_max: Duration,
+    ping_interval: Duration,
+    command_timeout: Duration,
+}
+
 struct Backoff {
     next: Duration,
     max: Duration,

@@ -387,3 +387,127 @@ async fn invalid_urls_and_configurations_fail_at_once() {
     let empty_queue = RedisBusConfig { publish_queue: 0, ..RedisBusConfig::default() };
     assert!(RedisBus::connect("redis://127.0.0.1:1", empty_queue).await.is_err());
 }
+
+/// A TCP relay in front of a Redis server whose connections can die
+/// silently: after [`SilentRelay::freeze`], every connection it carried
+/// until then stays open but moves no more bytes (as across a partition, or
+/// to a host that lost power), while new connections work.
+struct SilentRelay {
+    port: u16,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections numbered below this are frozen.
+    frozen_below: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentRelay {
+    async fn start(server: &RedisServer) -> SilentRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
+        let port = listener.local_addr().unwrap().port();
+        let upstream = format!("127.0.0.1:{}", server.port);
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (frozen_below, frozen) = tokio::sync::watch::channel(0u64);
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let number = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut frozen = frozen.clone();
+                connections.spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Both sockets stay open, silent, until the relay is dropped.
+                        _ = async { frozen.wait_for(|below| number < *below).await.is_ok() } => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                });
+            }
+        });
+        SilentRelay { port, accepted, frozen_below, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn freeze(&self) {
+        self.frozen_below.send_replace(self.accepted.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
+
+impl Drop for SilentRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Timings short enough that a silently dead connection is noticed within
+/// a second.
+fn quick_liveness() -> RedisBusConfig {
+    RedisBusConfig {
+        ping_interval: Duration::from_millis(200),
+        command_timeout: Duration::from_millis(500),
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_that_dies_silently_is_noticed_and_its_subscribers_told_to_resync() {
+    let server = RedisServer::start().await;
+    let relay = SilentRelay::start(&server).await;
+    let routing = connect(&server).await;
+    let gateway = RedisBus::connect(&relay.url(), quick_liveness()).await.unwrap();
+    let topic = conversation("app", "c1");
+    let mut subscription = gateway.subscribe(&topic).await;
+    routing.publish(&topic, event(1)).await;
+    assert_eq!(next_seq(&mut subscription).await, 1);
+
+    relay.freeze();
+    let frozen_at = Instant::now();
+    // Published into the silence: Redis hands it to a connection that no
+    // longer delivers. The gateway must find out by itself.
+    routing.publish(&topic, event(2)).await;
+    match next(&mut subscription).await {
+        Received::Lagged(missed) => assert_eq!(missed, 1),
+        Received::Event(event) => panic!("a frozen connection delivered {event:?}"),
+    }
+    eprintln!("a silently dead subscription was replaced {:?} after it froze", frozen_at.elapsed());
+    wait_until("the gateway is connected again", || gateway.is_connected()).await;
+    routing.publish(&topic, event(3)).await;
+    assert_eq!(next_seq(&mut subscription).await, 3, "live events flow on the new connection");
+}
+
+#[tokio::test]
+async fn events_published_into_a_silently_dead_connection_are_sent_again() {
+    let server = RedisServer::start().await;
+    let relay = SilentRelay::start(&server).await;
+    let routing = RedisBus::connect(&relay.url(), quick_liveness()).await.unwrap();
+    let gateway = connect(&server).await;
+    let topic = conversation("app", "c1");
+    let mut subscription = gateway.subscribe(&topic).await;
+    routing.publish(&topic, event(1)).await;
+    assert_eq!(next_seq(&mut subscription).await, 1);
+
+    relay.freeze();
+    let frozen_at = Instant::now();
+    for seq in 2..=20 {
+        timeout(Duration::from_secs(2), routing.publish(&topic, event(seq)))
+            .await
+            .expect("publishing must not block on a dead connection");
+    }
+    // Nothing reached Redis through the frozen connection, so after the
+    // publisher gives up on it and reconnects, each event arrives once.
+    let received: Vec<u64> = {
+        let mut received = Vec::new();
+        while received.len() < 19 {
+            received.push(next_seq(&mut subscription).await);
+        }
+        received
+    };
+    assert_eq!(received, (2..=20).collect::<Vec<u64>>());
+    eprintln!("events published into a silently dead connection arrived {:?} after it froze", frozen_at.elapsed());
+    assert_quiet(&mut subscription, "a gateway after the last event").await;
+}

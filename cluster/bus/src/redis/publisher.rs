@@ -10,7 +10,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, Client, RedisResult};
 use tokio::sync::mpsc;
 
-use super::{Backoff, COMMAND_TIMEOUT, CONNECT_TIMEOUT, Health};
+use super::{Backoff, CONNECT_TIMEOUT, Health, Timings};
 
 /// `PUBLISH`es sent in one pipeline: enough to keep a burst to one round trip
 /// per thousand events, few enough that a resent pipeline duplicates little.
@@ -25,13 +25,8 @@ pub(super) struct Outgoing {
 /// Runs until the bus is dropped and the queue is drained (or, if Redis is
 /// unreachable then, until the next failed attempt: nobody in this process
 /// waits for those events any more, and storage has them).
-pub(super) async fn run(
-    client: Client,
-    mut queue: mpsc::Receiver<Outgoing>,
-    health: Arc<Health>,
-    backoff_max: Duration,
-) {
-    let mut backoff = Backoff::new(backoff_max);
+pub(super) async fn run(client: Client, mut queue: mpsc::Receiver<Outgoing>, health: Arc<Health>, timings: Timings) {
+    let mut backoff = Backoff::new(timings.backoff_max);
     let mut connection: Option<MultiplexedConnection> = None;
     let mut connected_before = false;
     // Taken from the queue but not yet confirmed by Redis; always sent again
@@ -39,7 +34,7 @@ pub(super) async fn run(
     let mut unsent: Vec<Outgoing> = Vec::with_capacity(EVENTS_PER_PIPELINE);
     loop {
         let Some(live) = connection.as_mut() else {
-            match connect(&client).await {
+            match connect(&client, timings.command_timeout).await {
                 Ok(opened) => {
                     connection = Some(opened);
                     health.set_publisher_connected(true);
@@ -94,10 +89,10 @@ pub(super) async fn run(
     }
 }
 
-async fn connect(client: &Client) -> RedisResult<MultiplexedConnection> {
+async fn connect(client: &Client, command_timeout: Duration) -> RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(COMMAND_TIMEOUT));
+        .set_response_timeout(Some(command_timeout));
     client.get_multiplexed_async_connection_with_config(&config).await
 }
 

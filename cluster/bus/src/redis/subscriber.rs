@@ -19,11 +19,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout};
 
-use super::{Backoff, CHANNELS_PER_COMMAND, COMMAND_TIMEOUT, CONNECT_TIMEOUT, Shared};
-
-/// A `PING` this often notices a connection that died without closing (a
-/// network partition), which would otherwise look like a quiet bus forever.
-const PING_INTERVAL: Duration = Duration::from_secs(5);
+use super::{Backoff, CHANNELS_PER_COMMAND, CONNECT_TIMEOUT, Shared, Timings};
 
 /// Subscription commands in flight at once while resubscribing: pipelining
 /// them turns a few hundred round trips into a few dozen.
@@ -34,9 +30,9 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     client: Client,
     mut requests: mpsc::UnboundedReceiver<String>,
-    backoff_max: Duration,
+    timings: Timings,
 ) {
-    let mut backoff = Backoff::new(backoff_max);
+    let mut backoff = Backoff::new(timings.backoff_max);
     // Channels whose local use changed and that Redis has not been told about.
     let mut pending = HashSet::new();
     let mut connected_before = false;
@@ -49,7 +45,7 @@ pub(super) async fn run(
                 continue;
             }
         };
-        let mut connection = Connection { sink, subscribed: HashSet::new() };
+        let mut connection = Connection { sink, subscribed: HashSet::new(), timings };
 
         // A new connection starts with nothing subscribed: subscribe every
         // topic that still has local subscribers, then (in `confirm`) tell the
@@ -126,6 +122,7 @@ fn collect_ready(requests: &mut mpsc::UnboundedReceiver<String>, pending: &mut H
 struct Connection {
     sink: PubSubSink,
     subscribed: HashSet<String>,
+    timings: Timings,
 }
 
 impl Connection {
@@ -138,7 +135,8 @@ impl Connection {
         requests: &mut mpsc::UnboundedReceiver<String>,
         pending: &mut HashSet<String>,
     ) -> anyhow::Error {
-        let mut ping = interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+        let Timings { ping_interval, command_timeout, .. } = self.timings;
+        let mut ping = interval_at(Instant::now() + ping_interval, ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -156,10 +154,10 @@ impl Connection {
                     }
                 }
                 _ = ping.tick() => {
-                    match timeout(COMMAND_TIMEOUT, self.sink.ping::<Value>()).await {
+                    match timeout(command_timeout, self.sink.ping::<Value>()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(error)) => return anyhow::Error::new(error).context("PING failed"),
-                        Err(_) => return anyhow!("no PING reply within {COMMAND_TIMEOUT:?}"),
+                        Err(_) => return anyhow!("no PING reply within {command_timeout:?}"),
                     }
                 }
             }
@@ -192,12 +190,13 @@ impl Connection {
         while channels.peek().is_some() {
             batches.push(channels.by_ref().take(CHANNELS_PER_COMMAND).collect::<Vec<String>>());
         }
+        let command_timeout = self.timings.command_timeout;
         let commands = batches.into_iter().map(|batch| {
             let mut sink = self.sink.clone();
             async move {
-                timeout(COMMAND_TIMEOUT, sink.subscribe(&batch))
+                timeout(command_timeout, sink.subscribe(&batch))
                     .await
-                    .map_err(|_| anyhow!("no SUBSCRIBE confirmation within {COMMAND_TIMEOUT:?}"))?
+                    .map_err(|_| anyhow!("no SUBSCRIBE confirmation within {command_timeout:?}"))?
                     .context("SUBSCRIBE failed")?;
                 anyhow::Ok(batch)
             }
@@ -214,10 +213,11 @@ impl Connection {
     }
 
     async fn unsubscribe(&mut self, channels: Vec<String>) -> anyhow::Result<()> {
+        let command_timeout = self.timings.command_timeout;
         for batch in channels.chunks(CHANNELS_PER_COMMAND) {
-            timeout(COMMAND_TIMEOUT, self.sink.unsubscribe(batch))
+            timeout(command_timeout, self.sink.unsubscribe(batch))
                 .await
-                .map_err(|_| anyhow!("no UNSUBSCRIBE confirmation within {COMMAND_TIMEOUT:?}"))?
+                .map_err(|_| anyhow!("no UNSUBSCRIBE confirmation within {command_timeout:?}"))?
                 .context("UNSUBSCRIBE failed")?;
             for channel in batch {
                 self.subscribed.remove(channel);
