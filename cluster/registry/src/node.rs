@@ -241,7 +241,16 @@ async fn publish_raft_metrics(raft: RegistryRaft) {
             .set(metrics.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("beseda_raft_last_applied_index", "node_id" => node.clone())
             .set(metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0) as f64);
+        // openraft's metrics leave the commit index out; its state has it.
+        if let Ok(committed) = raft.with_raft_state(|state| state.committed.map(|log_id| log_id.index)).await {
+            metrics::gauge!("beseda_raft_commit_index", "node_id" => node.clone()).set(committed.unwrap_or(0) as f64);
+        }
         let is_leader = metrics.state == ServerState::Leader;
+        // A leader cut off from its voters keeps believing it leads; this
+        // age grows on it while a new leader is elected elsewhere.
+        let quorum_ack_age = metrics.millis_since_quorum_ack.filter(|_| is_leader).unwrap_or(0);
+        metrics::gauge!("beseda_raft_leader_quorum_ack_age_seconds", "node_id" => node.clone())
+            .set(quorum_ack_age as f64 / 1000.0);
         metrics::gauge!("beseda_raft_is_leader", "node_id" => node).set(if is_leader { 1.0 } else { 0.0 });
         if watched.changed().await.is_err() {
             return;

@@ -444,6 +444,18 @@ async fn a_partitioned_leader_neither_answers_nor_commits_and_the_majority_goes_
         // leads (nobody told it otherwise), but a linearizable read needs a
         // quorum to confirm that, so it answers nothing rather than the
         // stale "bob is offline".
+        let cut_off = cluster.nodes[&old_leader].node().raft().metrics().borrow().clone();
+        eprintln!(
+            "partition: the cut-off leader still says {:?}, quorum last acknowledged {:?} ms ago",
+            cut_off.state, cut_off.millis_since_quorum_ack
+        );
+        // What `beseda_raft_leader_quorum_ack_age_seconds` shows operators:
+        // no majority has answered it since the cut, which is older than
+        // the election the majority had to wait for.
+        if cut_off.state == openraft::ServerState::Leader {
+            let age = Duration::from_millis(cut_off.millis_since_quorum_ack.expect("a leader tracks its quorum"));
+            assert!(age >= support::ELECTION_TIMEOUT, "quorum acknowledged {age:?} ago");
+        }
         let old_leader_url = cluster.nodes[&old_leader].url();
         let mut minority = RegistryApiClient::connect(old_leader_url).await.unwrap();
         let is_bob_online = wire::RegistryQueryRequest {
