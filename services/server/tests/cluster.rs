@@ -148,6 +148,47 @@ async fn await_presence(client: &mut Client, user_id: &str, online: bool) {
     }
 }
 
+/// Each role's /metrics after two messages between users on different
+/// gateways: what an operator's dashboard would show.
+async fn metrics_tell_what_happened(cluster: &Cluster) {
+    let metric = |metrics: &BTreeMap<String, f64>, name: &str| {
+        *metrics.get(name).unwrap_or_else(|| panic!("no {name} in /metrics: {:?}", metrics.keys()))
+    };
+    let mut gateways = Vec::new();
+    for gateway in &cluster.gateways {
+        gateways.push(gateway.metrics().await);
+    }
+    // Alice and Carol on the first gateway, Bob on the second.
+    assert_eq!(metric(&gateways[0], "beseda_ws_connections"), 2.0);
+    assert_eq!(metric(&gateways[1], "beseda_ws_connections"), 1.0);
+    for (gateway, metrics) in gateways.iter().enumerate() {
+        assert_eq!(metric(metrics, "beseda_messages_received_total"), 1.0, "gateway {gateway} took one send");
+        assert!(metric(metrics, "beseda_fanout_latency_seconds_count") >= 1.0, "gateway {gateway} pushed live");
+        assert!(metric(metrics, "beseda_bus_received_total") >= 1.0, "gateway {gateway} heard Redis");
+        assert!(metric(metrics, "beseda_bus_channels") >= 1.0, "gateway {gateway} subscribed to channels");
+    }
+    let mut stored = 0.0;
+    for routing in &cluster.routing {
+        let metrics = routing.metrics().await;
+        stored += metrics.get("beseda_messages_stored_total").copied().unwrap_or(0.0);
+        if metrics.contains_key("beseda_messages_stored_total") {
+            assert!(metrics.contains_key("beseda_bus_publish_queue_depth"), "{:?}", metrics.keys());
+        }
+    }
+    assert_eq!(stored, 2.0, "the routing nodes stored two messages between them");
+    let leader = cluster.registry_leader().await.expect("a registry leader");
+    for (index, voter) in cluster.registry.iter().enumerate() {
+        let metrics = voter.metrics().await;
+        assert_eq!(metric(&metrics, "beseda_raft_is_leader"), if index == leader { 1.0 } else { 0.0 });
+        assert!(metric(&metrics, "beseda_raft_term") >= 1.0);
+        assert!(metric(&metrics, "beseda_raft_commit_index") >= 1.0, "voter {index} saw commits");
+        assert!(metric(&metrics, "beseda_registry_connections") >= 1.0, "voter {index} holds the connections");
+    }
+    for bots in &cluster.bots {
+        assert!(bots.metrics().await.contains_key("beseda_bots_relay_batch"), "the relay reports its batches");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_gateways_chat_and_a_killed_or_stopped_gateway_loses_nothing() {
     with_cluster(|mut cluster| async move {
@@ -172,6 +213,7 @@ async fn users_on_different_gateways_chat_and_a_killed_or_stopped_gateway_loses_
         scene.send(&mut bob, "hello from gateway 2").await;
         let seen = events_until(&mut alice, &mut alice_seq, "hello from gateway 2").await;
         assert_eq!(seen, vec!["hello from gateway 1", "hello from gateway 2"]);
+        metrics_tell_what_happened(&cluster).await;
 
         // kill -9 gateway 1: Alice's socket dies; Bob keeps writing.
         cluster.gateways[0].kill();

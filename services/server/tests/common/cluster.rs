@@ -179,6 +179,24 @@ impl Process {
     pub async fn health(&self) -> serde_json::Value {
         reqwest::get(format!("{}/rs/health", self.base_url())).await.unwrap().json().await.unwrap()
     }
+
+    /// The process's /metrics, each metric summed over its label sets
+    /// (summaries as `name_count` and `name_sum`).
+    pub async fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let text = reqwest::get(format!("{}/metrics", self.base_url())).await.unwrap().text().await.unwrap();
+        let mut metrics = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|line| !line.starts_with('#') && !line.trim().is_empty()) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let value: f64 = line.rsplit(' ').next().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
+                panic!("{}: a /metrics line without a value: {line}", self.name);
+            });
+            // Quantile lines share the summary's name; only its totals add up.
+            if !line.contains("quantile=") {
+                *metrics.entry(name.to_owned()).or_insert(0.0) += value;
+            }
+        }
+        metrics
+    }
 }
 
 impl Drop for Process {
