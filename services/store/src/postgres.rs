@@ -37,6 +37,18 @@ const MIGRATION_LOCK_KEY: i32 = 1_650_811_201;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Dead-peer detection: a connection whose server vanished without a reset
+/// (a failed-over host, a partition) would otherwise hang its queries until
+/// the kernel gives up retransmitting, about 15 minutes on Linux, with
+/// tokio-postgres's 2-hour keepalive idle. With these, an idle connection is
+/// probed after 30 s and dropped after 3 unanswered probes 10 s apart, and
+/// one with unacknowledged data is dropped after 30 s.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// tokio-postgres's own keepalive idle, which a URL that sets none leaves.
+const DRIVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// [`Store`](crate::Store) on PostgreSQL.
 pub type PostgresStore = SqlStore;
@@ -83,9 +95,7 @@ impl PostgresStore {
     }
 
     async fn connect_with(mut config: Config, pool_size: usize) -> Result<Self> {
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        apply_connection_defaults(&mut config);
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
@@ -98,6 +108,30 @@ impl PostgresStore {
         migrate::run(&engine, MIGRATIONS, Some(MIGRATION_LOCK)).await?;
         tracing::info!(pool_size, "connected to postgres");
         Ok(SqlStore::new(Box::new(engine)))
+    }
+}
+
+/// Timeouts and dead-peer detection, each unless the URL sets its own
+/// (`connect_timeout`, `keepalives`, `keepalives_idle`,
+/// `keepalives_interval`, `keepalives_retries`, `tcp_user_timeout`).
+fn apply_connection_defaults(config: &mut Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    // `keepalives=0` turns probing off; the probe timings then do not matter.
+    if config.get_keepalives() {
+        if config.get_keepalives_idle() == DRIVER_KEEPALIVE_IDLE {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
     }
 }
 
@@ -119,9 +153,7 @@ fn check_schema_name(schema: &str) -> Result<()> {
 /// One connection outside the pool, for schema management.
 async fn connect_one(config: &Config) -> Result<tokio_postgres::Client> {
     let mut config = config.clone();
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
-    }
+    apply_connection_defaults(&mut config);
     let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -345,6 +377,35 @@ impl Drop for PostgresTransaction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_detect_dead_peers_unless_the_url_says_otherwise() {
+        let mut defaults = parse_config("postgres://beseda@db:5432/beseda").unwrap();
+        apply_connection_defaults(&mut defaults);
+        assert_eq!(defaults.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert!(defaults.get_keepalives());
+        assert_eq!(defaults.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(defaults.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(defaults.get_keepalives_retries(), Some(KEEPALIVE_RETRIES));
+        assert_eq!(defaults.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+
+        let mut chosen = parse_config(
+            "postgres://beseda@db/beseda?connect_timeout=3&keepalives_idle=120&keepalives_interval=5\
+             &keepalives_retries=9&tcp_user_timeout=60",
+        )
+        .unwrap();
+        apply_connection_defaults(&mut chosen);
+        assert_eq!(chosen.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(chosen.get_keepalives_idle(), Duration::from_secs(120));
+        assert_eq!(chosen.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(chosen.get_keepalives_retries(), Some(9));
+        assert_eq!(chosen.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+
+        let mut off = parse_config("postgres://beseda@db/beseda?keepalives=0").unwrap();
+        apply_connection_defaults(&mut off);
+        assert!(!off.get_keepalives(), "keepalives=0 is kept");
+        assert_eq!(off.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT), "unacknowledged data still times out");
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {
