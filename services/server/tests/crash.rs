@@ -18,10 +18,7 @@ struct ServerProcess {
 
 impl ServerProcess {
     async fn start(data_dir: &std::path::Path) -> ServerProcess {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_beseda"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)

@@ -9,17 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::TestServer;
+use super::{TestServer, free_port};
 
 /// How long any process gets to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn postgres_url() -> Option<String> {
     super::postgres_url("the cluster tests")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A redis-server child on its own port, restartable on the same port.
