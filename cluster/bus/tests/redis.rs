@@ -2,149 +2,46 @@
 //! `redis-server` on a free loopback port (never the shared one on 6379, so
 //! tests can kill and restart it) and stops it when done.
 
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use beseda_bus::{Bus, Received, RedisBus, RedisBusConfig, Subscription, Topic};
 use beseda_proto::v1::{BusEvent, ConversationEvent, bus_event};
+use beseda_testkit::{RedisProcess, Relay};
 use tokio::time::{Instant, sleep, timeout};
 
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const REDIS_CLI: &str = "/usr/bin/redis-cli";
 /// The longest any single expected thing (an event, a reconnection) may take.
 const STEP: Duration = Duration::from_secs(15);
 /// How long a subscriber must stay quiet to count as having received nothing.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// A `redis-server` child process, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
+/// Every `PUBLISH` is refused (NOPERM) until [`allow_publishing`]: given at
+/// the server's start, so no publish can slip through before a test is ready.
+const REFUSE_PUBLISH: [&str; 8] = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-publish"];
+
+async fn client_connection(server: &RedisProcess) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(server.url()).expect("the test Redis URL");
+    client.get_multiplexed_async_connection().await.expect("connect to the test Redis")
 }
 
-impl RedisServer {
-    async fn start() -> Self {
-        // Another process may take the free port between our probe and the
-        // server's bind; a server that exits at once gets another port.
-        for _ in 0..5 {
-            let mut server = RedisServer { port: free_port(), child: None };
-            if server.launch(&[]).await {
-                return server;
-            }
-        }
-        panic!("could not start {REDIS_SERVER} on a free port");
-    }
-
-    /// Starts the server again on the same port (after [`RedisServer::kill`]).
-    async fn restart(&mut self) {
-        assert!(self.launch(&[]).await, "{REDIS_SERVER} did not start again on port {}", self.port);
-    }
-
-    /// Like [`RedisServer::restart`], but every `PUBLISH` is refused (NOPERM)
-    /// until [`RedisServer::allow_publishing`]: the server is configured so
-    /// from its first instant, so no publish can slip through before a test
-    /// is ready for it.
-    async fn restart_refusing_publish(&mut self) {
-        let refuse_publish = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-publish"];
-        assert!(self.launch(&refuse_publish).await, "{REDIS_SERVER} did not start again on port {}", self.port);
-    }
-
-    async fn allow_publishing(&self) {
-        let mut connection = self.client_connection().await.expect("connect to the test Redis");
-        redis::cmd("ACL")
-            .arg(&["SETUSER", "default", "+publish"])
-            .query_async::<()>(&mut connection)
-            .await
-            .expect("ACL SETUSER");
-    }
-
-    /// Whether a server came up on `self.port`.
-    async fn launch(&mut self, extra_arguments: &[&str]) -> bool {
-        let child = Command::new(REDIS_SERVER)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(extra_arguments)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot run {REDIS_SERVER} (is redis-server installed?): {error}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + STEP;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && child.try_wait().ok().flatten().is_some()
-            {
-                self.child = None;
-                return false;
-            }
-            if let Ok(mut connection) = self.client_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut connection).await.is_ok()
-            {
-                return true;
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
-        self.kill();
-        false
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn client_connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
-    }
-
-    /// How many connections are subscribed to `channel`.
-    async fn subscriber_count(&self, channel: &str) -> u64 {
-        let mut connection = self.client_connection().await.expect("connect to the test Redis");
-        let (name, count): (String, u64) =
-            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut connection).await.expect("PUBSUB NUMSUB");
-        assert_eq!(name, channel);
-        count
-    }
-
-    /// Kills the server the hard way (SIGKILL), like a crash.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+async fn allow_publishing(server: &RedisProcess) {
+    let mut connection = client_connection(server).await;
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "+publish"])
+        .query_async::<()>(&mut connection)
+        .await
+        .expect("ACL SETUSER");
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A free loopback port that no outgoing connection can take while the
-/// test's Redis is down between a kill and its restart on the same port: a
-/// port handed out by `bind(0)` lies in the kernel's ephemeral range, where
-/// any connection may land on it. These come from below (or above) that
-/// range, at an offset of this process's own, and are checked free.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let (ephemeral_low, ephemeral_high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| {
-            let mut bounds = range.split_whitespace().map(|bound| bound.parse::<u32>().ok());
-            Some((bounds.next()??, bounds.next()??))
-        })
-        .unwrap_or((32768, 60999));
-    let (low, high) = if ephemeral_low >= 12_000 { (10_000, ephemeral_low) } else { (ephemeral_high + 1, 65_536) };
-    let span = high - low;
-    let start = std::process::id() * 97 % span;
-    for _ in 0..span {
-        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-    panic!("no free loopback port in {low}..{high}");
+/// How many connections are subscribed to `channel`.
+async fn subscriber_count(server: &RedisProcess, channel: &str) -> u64 {
+    let mut connection = client_connection(server).await;
+    let (name, count): (String, u64) =
+        redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut connection).await.expect("PUBSUB NUMSUB");
+    assert_eq!(name, channel);
+    count
 }
 
 fn config() -> RedisBusConfig {
@@ -156,7 +53,7 @@ fn config() -> RedisBusConfig {
     }
 }
 
-async fn connect(server: &RedisServer) -> Arc<RedisBus> {
+async fn connect(server: &RedisProcess) -> Arc<RedisBus> {
     RedisBus::connect(&server.url(), config()).await.expect("connect the bus")
 }
 
@@ -207,7 +104,7 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn events_reach_the_subscribers_of_other_gateways_in_order_and_nobody_else() {
-    let server = RedisServer::start().await;
+    let server = RedisProcess::start();
     let routing = connect(&server).await;
     let (gateway_a, gateway_b) = (connect(&server).await, connect(&server).await);
     assert!(routing.is_connected() && gateway_a.is_connected() && gateway_b.is_connected());
@@ -240,49 +137,49 @@ async fn events_reach_the_subscribers_of_other_gateways_in_order_and_nobody_else
 
 #[tokio::test]
 async fn the_last_local_subscription_leaving_unsubscribes_the_channel() {
-    let server = RedisServer::start().await;
+    let server = RedisProcess::start();
     let routing = connect(&server).await;
     let gateway = connect(&server).await;
     let topic = conversation("app", "c1");
     let channel = gateway.channel(&topic);
     assert_eq!(channel, "test:app:c:c1");
-    assert_eq!(server.subscriber_count(&channel).await, 0);
+    assert_eq!(subscriber_count(&server, &channel).await, 0);
 
     let first = gateway.subscribe(&topic).await;
     let mut second = gateway.subscribe(&topic).await;
     // One Redis subscription per gateway, however many local subscribers.
-    assert_eq!(server.subscriber_count(&channel).await, 1);
+    assert_eq!(subscriber_count(&server, &channel).await, 1);
 
     drop(first);
     sleep(QUIET).await;
-    assert_eq!(server.subscriber_count(&channel).await, 1, "a subscriber is left");
+    assert_eq!(subscriber_count(&server, &channel).await, 1, "a subscriber is left");
     routing.publish(&topic, event(1)).await;
     assert_eq!(next_seq(&mut second).await, 1);
 
     drop(second);
     let deadline = Instant::now() + STEP;
-    while server.subscriber_count(&channel).await != 0 {
+    while subscriber_count(&server, &channel).await != 0 {
         assert!(Instant::now() < deadline, "the channel was not unsubscribed");
         sleep(Duration::from_millis(20)).await;
     }
 
     // Subscribing again after that works like the first time.
     let mut again = gateway.subscribe(&topic).await;
-    assert_eq!(server.subscriber_count(&channel).await, 1);
+    assert_eq!(subscriber_count(&server, &channel).await, 1);
     routing.publish(&topic, event(2)).await;
     assert_eq!(next_seq(&mut again).await, 2);
 }
 
 #[tokio::test]
 async fn a_malformed_message_is_skipped_and_later_events_still_arrive() {
-    let server = RedisServer::start().await;
+    let server = RedisProcess::start();
     let routing = connect(&server).await;
     let gateway = connect(&server).await;
     let topic = conversation("app", "c1");
     let mut subscription = gateway.subscribe(&topic).await;
 
     let output = tokio::process::Command::new(REDIS_CLI)
-        .args(["-p", &server.port.to_string(), "PUBLISH", &gateway.channel(&topic), "this is not protobuf"])
+        .args(["-p", &server.port().to_string(), "PUBLISH", &gateway.channel(&topic), "this is not protobuf"])
         .output()
         .await
         .expect("run redis-cli");
@@ -298,7 +195,7 @@ async fn a_malformed_message_is_skipped_and_later_events_still_arrive() {
 
 #[tokio::test]
 async fn after_a_redis_restart_subscribers_are_told_to_resync_and_receive_again() {
-    let mut server = RedisServer::start().await;
+    let mut server = RedisProcess::start();
     let routing = connect(&server).await;
     let gateway = connect(&server).await;
     let topic = conversation("app", "c1");
@@ -317,7 +214,7 @@ async fn after_a_redis_restart_subscribers_are_told_to_resync_and_receive_again(
 
     // Publishing stays refused until the gateway has subscribed again, so
     // the events the publisher keeps retrying are bound to reach it.
-    server.restart_refusing_publish().await;
+    server.restart_with(&REFUSE_PUBLISH);
     match next(&mut subscription).await {
         Received::Lagged(missed) => assert_eq!(missed, 1),
         Received::Event(event) => panic!("expected a resync before any event, got {event:?}"),
@@ -325,7 +222,7 @@ async fn after_a_redis_restart_subscribers_are_told_to_resync_and_receive_again(
     wait_until("the gateway is connected again", || gateway.is_connected()).await;
     assert_quiet(&mut subscription, "a gateway while publishing is refused").await;
 
-    server.allow_publishing().await;
+    allow_publishing(&server).await;
     wait_until("the publisher is connected again", || routing.is_connected()).await;
     routing.publish(&topic, event(5)).await;
     // At-least-once: a resent pipeline may repeat events (receivers drop
@@ -342,8 +239,8 @@ async fn after_a_redis_restart_subscribers_are_told_to_resync_and_receive_again(
 
 #[tokio::test]
 async fn a_bus_started_while_redis_is_down_connects_later_and_resyncs_its_early_subscribers() {
-    let port = free_port();
-    let url = format!("redis://127.0.0.1:{port}");
+    let mut server = RedisProcess::not_started();
+    let url = server.url();
     let started = Instant::now();
     let gateway = RedisBus::connect(&url, config()).await.expect("an unreachable Redis is not an error");
     assert!(!gateway.is_connected());
@@ -355,8 +252,7 @@ async fn a_bus_started_while_redis_is_down_connects_later_and_resyncs_its_early_
         .expect("subscribing must not wait for Redis for long");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    let mut server = RedisServer { port, child: None };
-    server.restart().await;
+    server.restart();
     match next(&mut subscription).await {
         Received::Lagged(missed) => assert_eq!(missed, 1),
         Received::Event(event) => panic!("expected a resync first, got {event:?}"),
@@ -375,7 +271,7 @@ async fn a_bus_started_while_redis_is_down_connects_later_and_resyncs_its_early_
 #[tokio::test]
 async fn a_burst_of_ten_thousand_events_arrives_complete_and_in_order() {
     const BURST: u64 = 10_000;
-    let server = RedisServer::start().await;
+    let server = RedisProcess::start();
     let routing = connect(&server).await;
     let gateway = connect(&server).await;
     let topic = conversation("app", "c1");
@@ -409,60 +305,12 @@ async fn invalid_urls_and_configurations_fail_at_once() {
     assert!(RedisBus::connect("redis://127.0.0.1:1", empty_queue).await.is_err());
 }
 
-/// A TCP relay in front of a Redis server whose connections can die
-/// silently: after [`SilentRelay::freeze`], every connection it carried
-/// until then stays open but moves no more bytes (as across a partition, or
-/// to a host that lost power), while new connections work.
-struct SilentRelay {
-    port: u16,
-    accepted: Arc<std::sync::atomic::AtomicU64>,
-    /// Connections numbered below this are frozen.
-    frozen_below: tokio::sync::watch::Sender<u64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SilentRelay {
-    async fn start(server: &RedisServer) -> SilentRelay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
-        let port = listener.local_addr().unwrap().port();
-        let upstream = format!("127.0.0.1:{}", server.port);
-        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (frozen_below, frozen) = tokio::sync::watch::channel(0u64);
-        let counter = Arc::clone(&accepted);
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else { continue };
-                let number = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut frozen = frozen.clone();
-                connections.spawn(async move {
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        // Both sockets stay open, silent, until the relay is dropped.
-                        _ = async { frozen.wait_for(|below| number < *below).await.is_ok() } => {
-                            std::future::pending::<()>().await
-                        }
-                    }
-                });
-            }
-        });
-        SilentRelay { port, accepted, frozen_below, task }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn freeze(&self) {
-        self.frozen_below.send_replace(self.accepted.load(std::sync::atomic::Ordering::SeqCst));
-    }
-}
-
-impl Drop for SilentRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// A relay in front of `server`, whose connections can be made to die
+/// silently.
+async fn relay_to(server: &RedisProcess) -> (Relay, String) {
+    let relay = Relay::start(Ipv4Addr::LOCALHOST.into(), (Ipv4Addr::LOCALHOST, server.port()).into()).await;
+    let url = format!("redis://{}", relay.address());
+    (relay, url)
 }
 
 /// Timings short enough that a silently dead connection is noticed within
@@ -477,10 +325,10 @@ fn quick_liveness() -> RedisBusConfig {
 
 #[tokio::test]
 async fn a_subscription_that_dies_silently_is_noticed_and_its_subscribers_told_to_resync() {
-    let server = RedisServer::start().await;
-    let relay = SilentRelay::start(&server).await;
+    let server = RedisProcess::start();
+    let (relay, relay_url) = relay_to(&server).await;
     let routing = connect(&server).await;
-    let gateway = RedisBus::connect(&relay.url(), quick_liveness()).await.unwrap();
+    let gateway = RedisBus::connect(&relay_url, quick_liveness()).await.unwrap();
     let topic = conversation("app", "c1");
     let mut subscription = gateway.subscribe(&topic).await;
     routing.publish(&topic, event(1)).await;
@@ -503,9 +351,9 @@ async fn a_subscription_that_dies_silently_is_noticed_and_its_subscribers_told_t
 
 #[tokio::test]
 async fn events_published_into_a_silently_dead_connection_are_sent_again() {
-    let server = RedisServer::start().await;
-    let relay = SilentRelay::start(&server).await;
-    let routing = RedisBus::connect(&relay.url(), quick_liveness()).await.unwrap();
+    let server = RedisProcess::start();
+    let (relay, relay_url) = relay_to(&server).await;
+    let routing = RedisBus::connect(&relay_url, quick_liveness()).await.unwrap();
     let gateway = connect(&server).await;
     let topic = conversation("app", "c1");
     let mut subscription = gateway.subscribe(&topic).await;

@@ -18,7 +18,7 @@ struct ServerProcess {
 
 impl ServerProcess {
     async fn start(data_dir: &std::path::Path) -> ServerProcess {
-        let port = free_port();
+        let port = beseda_testkit::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_beseda"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use beseda_core::ErrorCode;
 use beseda_store::Store;
 use beseda_store::postgres::PostgresStore;
+use beseda_testkit::Relay;
 
 /// Longer than the store's dead-peer timeouts (30 s for unacknowledged
 /// data, then a 10 s connection timeout) with room to spare; a query that
@@ -141,23 +142,6 @@ impl Drop for Namespace {
     }
 }
 
-/// Forwards every connection to `address` (a port bound on the host's end
-/// of the veth) to PostgreSQL.
-async fn host_relay(address: &str, postgres: SocketAddr) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind(format!("{address}:0")).await.expect("bind the host relay");
-    let bound = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(postgres).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    bound
-}
-
 fn settings() -> Option<String> {
     let url = std::env::var("BESEDA_TEST_PG_URL").ok().filter(|url| !url.trim().is_empty());
     let enabled = std::env::var("BESEDA_TEST_NETNS").is_ok_and(|value| value == "1");
@@ -183,8 +167,10 @@ async fn queries_to_a_silently_vanished_server_fail_in_bounded_time_and_recover(
     let Some(url) = settings() else { return };
     let postgres = postgres_address(&url);
     let mut namespace = Namespace::create();
-    let host_side = host_relay(&namespace.host_address, postgres).await;
-    namespace.start_relay(5432, host_side);
+    // Forwards what comes out of the namespace to PostgreSQL.
+    let host_address: std::net::IpAddr = namespace.host_address.parse().unwrap();
+    let host_side = Relay::start(host_address, postgres).await;
+    namespace.start_relay(5432, host_side.address());
     let mut through_namespace = url::Url::parse(&url).unwrap();
     through_namespace.set_host(Some(&namespace.inner_address)).unwrap();
     through_namespace.set_port(Some(5432)).unwrap();

@@ -5,69 +5,19 @@
 //! the cluster is dropped; when a test fails, the tail of every process's log
 //! is printed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{TestServer, free_port};
+use beseda_testkit::{RedisProcess, free_port};
+
+use super::TestServer;
 
 /// How long any process gets to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn postgres_url() -> Option<String> {
     super::postgres_url("the cluster tests")
-}
-
-/// A redis-server child on its own port, restartable on the same port.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-    directory: PathBuf,
-}
-
-impl RedisServer {
-    fn start(directory: &Path) -> RedisServer {
-        let mut redis = RedisServer { port: free_port(), child: None, directory: directory.to_owned() };
-        redis.restart();
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts it (again) on the same port and waits until it answers.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "redis is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.directory)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for the cluster tests");
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: everything it held is gone (it keeps nothing on disk).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// One `beseda serve` child.
@@ -205,7 +155,7 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
     pub postgres_url: String,
     pub schema: String,
-    pub redis: RedisServer,
+    pub redis: RedisProcess,
     pub registry: Vec<Process>,
     pub routing: Vec<Process>,
     pub bots: Vec<Process>,
@@ -223,7 +173,7 @@ impl Cluster {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let schema = format!("cluster_{:x}{:x}", nanos, std::process::id());
         let outbox = root.path().join("outbox");
-        let redis = RedisServer::start(root.path());
+        let redis = RedisProcess::start();
         let process = |name: &str, environment: Vec<(&str, String)>| {
             let http_port = free_port();
             let grpc_port = free_port();

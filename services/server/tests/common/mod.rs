@@ -18,33 +18,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free loopback port that no outgoing connection can take before the
-/// child process binds it: a port handed out by `bind(0)` lies in the
-/// kernel's ephemeral range, where any connection made meanwhile (by this
-/// test or any other) may land on it. These come from below (or above) that
-/// range, at an offset of this process's own, and are checked free.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let (ephemeral_low, ephemeral_high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| {
-            let mut bounds = range.split_whitespace().map(|bound| bound.parse::<u32>().ok());
-            Some((bounds.next()??, bounds.next()??))
-        })
-        .unwrap_or((32768, 60999));
-    let (low, high) = if ephemeral_low >= 12_000 { (10_000, ephemeral_low) } else { (ephemeral_high + 1, 65_536) };
-    let span = high - low;
-    let start = std::process::id() * 97 % span;
-    for _ in 0..span {
-        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-    panic!("no free loopback port in {low}..{high}");
-}
-
 /// The PostgreSQL URL of tests that need it, from `BESEDA_TEST_PG_URL`
 /// (CI sets it, and then those tests must pass); `None`, with a note naming
 /// `what` was skipped, where it is not set.
