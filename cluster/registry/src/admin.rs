@@ -1,13 +1,15 @@
 //! Operator helpers behind `beseda ctl registry …`: cluster status and
 //! membership changes, each sent to the leader (followers' hints followed).
 
+use std::future::Future;
 use std::time::Duration;
 
 use beseda_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tonic::{Response, Status};
 
-use crate::router::LeaderRouter;
+use crate::router::{ApiClient, LeaderRouter};
 use crate::wire::status_from_wire;
 
 /// How long an operator command may take in all. Adding a learner waits
@@ -54,14 +56,23 @@ pub struct GatewayLease {
     pub connections: u64,
 }
 
+/// Calls `attempt` through `endpoint`, following leader hints, until it is
+/// answered or refused for good or `timeout` has passed.
+async fn call_routed<T, F, Fut>(endpoint: &str, token: Option<&str>, timeout: Duration, attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut(ApiClient) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let router = LeaderRouter::new(vec![endpoint.to_owned()], timeout, token)?;
+    Ok(router.call(Some(Instant::now() + timeout), attempt).await?)
+}
+
 /// The status of the node at `endpoint` itself.
 async fn status_of(endpoint: &str, token: Option<&str>) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], STATUS_TIMEOUT, token)?;
-    let status = router
-        .call(Some(Instant::now() + STATUS_TIMEOUT), |mut client| async move {
-            client.status(wire::RegistryStatusRequest {}).await
-        })
-        .await?;
+    let status = call_routed(endpoint, token, STATUS_TIMEOUT, |mut client| async move {
+        client.status(wire::RegistryStatusRequest {}).await
+    })
+    .await?;
     Ok(status_from_wire(status))
 }
 
@@ -89,27 +100,23 @@ pub async fn status(endpoint: &str, token: Option<&str>) -> anyhow::Result<Clust
 /// Adds node `id` at `address` (its gRPC URL) as a learner and returns once
 /// it has caught up; then it can be made a voter with [`change_membership`].
 pub async fn add_learner(endpoint: &str, token: Option<&str>, id: u64, address: &str) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE, token)?;
     let request = wire::RegistryAddLearnerRequest { id, address: address.to_owned() };
-    let status = router
-        .call(Some(Instant::now() + ADMIN_DEADLINE), |mut client| {
-            let request = request.clone();
-            async move { client.add_learner(request).await }
-        })
-        .await?;
+    let status = call_routed(endpoint, token, ADMIN_DEADLINE, |mut client| {
+        let request = request.clone();
+        async move { client.add_learner(request).await }
+    })
+    .await?;
     Ok(status_from_wire(status))
 }
 
 /// Makes exactly `voters` the voting members (each must be a member
 /// already, e.g. a caught-up learner); removed voters leave the cluster.
 pub async fn change_membership(endpoint: &str, token: Option<&str>, voters: Vec<u64>) -> anyhow::Result<ClusterStatus> {
-    let router = LeaderRouter::new(vec![endpoint.to_owned()], ADMIN_DEADLINE, token)?;
     let request = wire::RegistryChangeMembershipRequest { voters };
-    let status = router
-        .call(Some(Instant::now() + ADMIN_DEADLINE), |mut client| {
-            let request = request.clone();
-            async move { client.change_membership(request).await }
-        })
-        .await?;
+    let status = call_routed(endpoint, token, ADMIN_DEADLINE, |mut client| {
+        let request = request.clone();
+        async move { client.change_membership(request).await }
+    })
+    .await?;
     Ok(status_from_wire(status))
 }

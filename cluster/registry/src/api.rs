@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use beseda_proto::v1 as wire;
 use beseda_proto::v1::registry_api_server::RegistryApi;
@@ -17,23 +17,45 @@ use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteErro
 use openraft::{BasicNode, ServerState};
 use tonic::{Request, Response, Status};
 
-use crate::UserKey;
 use crate::admin::{ClusterMember, ClusterStatus, GatewayLease};
 use crate::raft_types::RegistryRaft;
 use crate::state::{Command, CommandOutcome};
 use crate::state_machine::SharedState;
 use crate::wire::{
     change_to_wire, connections_from_wire, delta_from_wire, not_leader, status_to_wire, user_changes_to_wire,
-    user_from_wire,
 };
+use crate::{PresenceChange, UserKey, unix_now_ms};
 
 /// Told the users who went offline because the leader expired or
 /// deregistered their gateway. Called on the leader only, once per command,
 /// on the task that applied it: it must not block (spawn to publish).
 pub type ExpiredCallback = Arc<dyn Fn(Vec<UserKey>) + Send + Sync>;
 
-pub(crate) fn unix_now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+/// Why the leader removed gateways.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Removal {
+    /// A gateway (or an operator for it) asked.
+    Deregistered,
+    /// Their leases ran out.
+    Expired,
+}
+
+/// Logs the gateways the leader removed and tells `on_expired` who went
+/// offline with them.
+pub(crate) fn announce_removed(
+    on_expired: &ExpiredCallback,
+    removal: Removal,
+    gateways: &[String],
+    went_offline: Vec<UserKey>,
+) {
+    let users = went_offline.len();
+    match removal {
+        Removal::Deregistered => tracing::info!(?gateways, users, "registry gateway deregistered"),
+        Removal::Expired => tracing::warn!(?gateways, users, "registry gateways expired: their leases ran out"),
+    }
+    if !went_offline.is_empty() {
+        on_expired(went_offline);
+    }
 }
 
 fn role_name(state: ServerState) -> &'static str {
@@ -197,18 +219,16 @@ impl RegistryApi for RegistryApiService {
             CommandOutcome::Deltas(changes) => Outcome::Deltas(wire::RegistryDeltaResults {
                 changes: changes.into_iter().map(|change| change_to_wire(change) as i32).collect(),
             }),
-            CommandOutcome::Resynced(changes) => Outcome::Users(user_changes_to_wire(changes)),
+            CommandOutcome::Resynced(changes) => {
+                Outcome::Users(user_changes_to_wire(changes.iter().map(|(user, change)| (user, *change))))
+            }
             CommandOutcome::UnknownGateway => Outcome::UnknownGateway(wire::RegistryUnknownGateway {}),
             CommandOutcome::Removed { gateways, went_offline } => {
-                tracing::info!(?gateways, users = went_offline.len(), "registry gateway deregistered");
-                let changes = went_offline
-                    .iter()
-                    .map(|user| (user.clone(), crate::state::PresenceChangeRecord::WentOffline))
-                    .collect();
-                if !went_offline.is_empty() {
-                    (self.on_expired)(went_offline.into_iter().map(UserKey::from).collect());
-                }
-                Outcome::Users(user_changes_to_wire(changes))
+                // The answer keeps the documented contract (who went offline),
+                // though the in-tree client only checks that it succeeded.
+                let changes = user_changes_to_wire(went_offline.iter().map(|user| (user, PresenceChange::WentOffline)));
+                announce_removed(&self.on_expired, Removal::Deregistered, &gateways, went_offline);
+                Outcome::Users(changes)
             }
             CommandOutcome::Stale => {
                 return Err(Status::aborted(
@@ -232,17 +252,18 @@ impl RegistryApi for RegistryApiService {
         use wire::registry_query_request::Query;
         use wire::registry_query_response::Answer;
         let query = request.into_inner().query.ok_or_else(|| {
-            Status::invalid_argument("`query` is missing: ask is_online, nodes_of or connection_count")
+            Status::invalid_argument("`query` is missing: ask is_online, online_of, nodes_of or connection_count")
         })?;
         let read_log_id = self.raft.ensure_linearizable().await.map_err(read_error)?;
         let state = self.shared.read();
         let answer = match query {
-            Query::IsOnline(user) => {
-                Answer::Online(state.registry.is_online(&user_from_wire(Some(user), "is_online")?))
-            }
-            Query::NodesOf(user) => Answer::Nodes(wire::RegistryNodeList {
-                nodes: state.registry.nodes_of(&user_from_wire(Some(user), "nodes_of")?),
+            Query::IsOnline(user) => Answer::Online(state.registry.is_online(&UserKey::from(user))),
+            Query::OnlineOf(list) => Answer::OnlineOf(wire::RegistryOnlineList {
+                online: list.users.into_iter().map(|user| state.registry.is_online(&UserKey::from(user))).collect(),
             }),
+            Query::NodesOf(user) => {
+                Answer::Nodes(wire::RegistryNodeList { nodes: state.registry.nodes_of(&UserKey::from(user)) })
+            }
             Query::ConnectionCount(_) => Answer::ConnectionCount(state.registry.connection_count()),
         };
         Ok(Response::new(wire::RegistryQueryResponse {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::router::{CallError, LeaderRouter};
-use crate::state::{Delta, RegistryUser};
+use crate::state::Delta;
 use crate::wire::{change_from_wire, connections_to_wire, delta_to_wire, user_changes_from_wire, user_to_wire};
 use crate::{PresenceChange, Registry, RegistryResult, RegistryUnavailable, UserKey};
 
@@ -78,7 +78,7 @@ enum Queued {
 /// The presence changes a resync causes (users back online) are published on
 /// [`Self::resync_changes`].
 ///
-/// **Reads are linearizable.** `is_online`, `nodes_of` and
+/// **Reads are linearizable.** `is_online`, `online_of`, `nodes_of` and
 /// `connection_count` are answered by the leader after a read-index round:
 /// it confirms with a quorum that it still leads and waits until it has
 /// applied everything committed before it reads, so a deposed leader can
@@ -208,11 +208,11 @@ fn unexpected_answer(query: &str) -> RegistryUnavailable {
 #[async_trait]
 impl Registry for RaftRegistryClient {
     async fn connected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange> {
-        self.submit(node_id, Delta::Connected(RegistryUser::from(user))).await
+        self.submit(node_id, Delta::Connected(user.clone())).await
     }
 
     async fn disconnected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange> {
-        self.submit(node_id, Delta::Disconnected(RegistryUser::from(user))).await
+        self.submit(node_id, Delta::Disconnected(user.clone())).await
     }
 
     async fn is_online(&self, user: &UserKey) -> RegistryResult<bool> {
@@ -221,6 +221,25 @@ impl Registry for RaftRegistryClient {
         match self.query(Query::IsOnline(user_to_wire(user))).await?.answer {
             Some(Answer::Online(online)) => Ok(online),
             _ => Err(unexpected_answer("is_online")),
+        }
+    }
+
+    /// One linearizable read for all of `users` (none for an empty list).
+    async fn online_of(&self, users: &[UserKey]) -> RegistryResult<Vec<bool>> {
+        use wire::registry_query_request::Query;
+        use wire::registry_query_response::Answer;
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = wire::RegistryUserKeyList { users: users.iter().map(user_to_wire).collect() };
+        match self.query(Query::OnlineOf(list)).await?.answer {
+            Some(Answer::OnlineOf(answer)) if answer.online.len() == users.len() => Ok(answer.online),
+            Some(Answer::OnlineOf(answer)) => Err(RegistryUnavailable(format!(
+                "the registry answered online_of for {} users with {} answers",
+                users.len(),
+                answer.online.len()
+            ))),
+            _ => Err(unexpected_answer("online_of")),
         }
     }
 
@@ -277,7 +296,7 @@ struct BatchSender {
     session: u64,
     sequence: u64,
     /// Connection counts per user as the registry has applied them.
-    confirmed: BTreeMap<RegistryUser, u32>,
+    confirmed: BTreeMap<UserKey, u32>,
     /// Whether the registry knows the current session (a resync was applied).
     registered: bool,
     /// This gateway deregistered itself: nothing is sent any more.
@@ -383,15 +402,15 @@ impl BatchSender {
     /// (re)starts the session; retries until it is applied.
     async fn resync(&mut self) {
         let mut pause = Duration::from_millis(100);
+        // The confirmed counts do not change while this retries.
+        let connections = connections_to_wire(&self.confirmed);
         loop {
-            let connections: Vec<(RegistryUser, u32)> =
-                self.confirmed.iter().map(|(user, count)| (user.clone(), *count)).collect();
             let resync = wire::RegistryResync {
                 gateway: self.gateway.clone(),
                 session: self.session,
                 sequence: self.next_sequence(),
                 lease_ms: self.lease_ms(),
-                connections: connections_to_wire(&connections),
+                connections: connections.clone(),
             };
             match self.apply(wire::registry_apply_request::Command::Resync(resync)).await {
                 Ok(Applied::Users(changes)) => {

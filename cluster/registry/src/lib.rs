@@ -35,18 +35,24 @@ pub use node::{RegistryNode, RegistryNodeConfig};
 pub use raft_types::{RegistryRaft, RegistryTypeConfig};
 pub use wire::{LEADER_ADDRESS_METADATA, LEADER_ID_METADATA};
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use async_trait::async_trait;
 use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
 
-/// A user of one application.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// A user of one application. The same type is stored in the Raft log and
+/// in snapshots (as `{"application_id": …, "user_id": …}`); ordered so that
+/// the replicated maps keyed by it iterate alike on every replica.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UserKey {
     pub application_id: String,
     pub user_id: String,
 }
 
-/// A change of a user's presence caused by a connect or disconnect.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A change of a user's presence caused by a connect or disconnect (also
+/// stored in the Raft log, as the variant's name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PresenceChange {
     CameOnline,
     WentOffline,
@@ -68,6 +74,11 @@ impl std::error::Error for RegistryUnavailable {}
 
 pub type RegistryResult<T> = Result<T, RegistryUnavailable>;
 
+/// Milliseconds since the Unix epoch by this host's clock.
+pub(crate) fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Records a connection of `user` on `node_id`.
@@ -75,6 +86,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Forgets one connection of `user` on `node_id`.
     async fn disconnected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange>;
     async fn is_online(&self, user: &UserKey) -> RegistryResult<bool>;
+    /// Whether each of `users` is online, in the same order: one question
+    /// for many users (in a cluster, one linearizable read for all of them).
+    async fn online_of(&self, users: &[UserKey]) -> RegistryResult<Vec<bool>>;
     /// Nodes where the user has at least one connection.
     async fn nodes_of(&self, user: &UserKey) -> RegistryResult<Vec<String>>;
     /// Connections registered in all.
@@ -95,6 +109,10 @@ pub struct LocalRegistry {
 impl LocalRegistry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn online(&self, user: &UserKey) -> bool {
+        self.connections.get(user).is_some_and(|nodes| !nodes.is_empty())
     }
 }
 
@@ -131,7 +149,11 @@ impl Registry for LocalRegistry {
     }
 
     async fn is_online(&self, user: &UserKey) -> RegistryResult<bool> {
-        Ok(self.connections.get(user).is_some_and(|nodes| !nodes.is_empty()))
+        Ok(self.online(user))
+    }
+
+    async fn online_of(&self, users: &[UserKey]) -> RegistryResult<Vec<bool>> {
+        Ok(users.iter().map(|user| self.online(user)).collect())
     }
 
     async fn nodes_of(&self, user: &UserKey) -> RegistryResult<Vec<String>> {
@@ -147,10 +169,10 @@ impl Registry for LocalRegistry {
     }
 
     async fn node_stopping(&self, node_id: &str) -> RegistryResult<()> {
-        for mut entry in self.connections.iter_mut() {
-            entry.value_mut().retain(|(node, _)| node != node_id);
-        }
-        self.connections.retain(|_, nodes| !nodes.is_empty());
+        self.connections.retain(|_, nodes| {
+            nodes.retain(|(node, _)| node != node_id);
+            !nodes.is_empty()
+        });
         Ok(())
     }
 
@@ -189,6 +211,24 @@ mod tests {
         let in_second = UserKey { application_id: "app-2".into(), user_id: "u".into() };
         registry.connected(&in_first, "node").await.unwrap();
         assert!(!registry.is_online(&in_second).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn online_of_answers_like_is_online_for_each_user_in_order() {
+        let registry = LocalRegistry::new();
+        let users: Vec<UserKey> = ["alice", "bob", "carol", "alice"]
+            .into_iter()
+            .map(|name| UserKey { application_id: "app".into(), user_id: name.into() })
+            .collect();
+        registry.connected(&users[0], "node-1").await.unwrap();
+        registry.connected(&users[2], "node-2").await.unwrap();
+        let mut one_by_one = Vec::new();
+        for user in &users {
+            one_by_one.push(registry.is_online(user).await.unwrap());
+        }
+        assert_eq!(registry.online_of(&users).await.unwrap(), one_by_one);
+        assert_eq!(one_by_one, vec![true, false, true, true]);
+        assert_eq!(registry.online_of(&[]).await.unwrap(), Vec::<bool>::new());
     }
 
     #[tokio::test]

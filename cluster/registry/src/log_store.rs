@@ -1,6 +1,7 @@
 //! The Raft log, the vote and the committed and purged markers, in SQLite
 //! (`<data_dir>/raft.db`, WAL journal, `synchronous=FULL`, so a transaction
-//! is on disk when it commits).
+//! is on disk when it commits — except the committed marker's, see
+//! [`SqliteLogStore::save_committed`]).
 //!
 //! One dedicated thread owns the connection and runs every job in the order
 //! it was queued. That serializes all log and vote IO, as openraft requires,
@@ -195,11 +196,25 @@ impl RaftLogStorage<RegistryTypeConfig> for SqliteLogStore {
     /// Persisting the committed log id lets a restarted node re-apply its
     /// committed entries on start (the state machine lives in memory and is
     /// rebuilt from the last snapshot plus the log).
+    ///
+    /// openraft awaits this before every apply, and the marker is only a
+    /// hint (a node that loses it re-learns the commit index from the
+    /// leader; reads are served by the leader after a read-index round), so
+    /// it is written without an fsync: with `synchronous=NORMAL` a WAL commit
+    /// is durable once a later synced commit (a vote or an append) or a
+    /// checkpoint fsyncs the WAL, and survives a process crash meanwhile.
     async fn save_committed(&mut self, committed: Option<RegistryLogId>) -> Result<(), RegistryStorageError> {
         let json = to_json(&committed).map_err(|message| io_error(StorageIOError::write, message))?;
-        self.run(move |connection| write_meta(connection, COMMITTED, &json))
-            .await
-            .map_err(|message| io_error(StorageIOError::write, message))
+        self.run(move |connection| {
+            // An optional hint on the hot path: no fsync of its own (see above).
+            connection.pragma_update(None, "synchronous", "NORMAL").map_err(|error| error.to_string())?;
+            let written = write_meta(connection, COMMITTED, &json);
+            // The vote and the log stay fully synced.
+            connection.pragma_update(None, "synchronous", "FULL").map_err(|error| error.to_string())?;
+            written
+        })
+        .await
+        .map_err(|message| io_error(StorageIOError::write, message))
     }
 
     async fn read_committed(&mut self) -> Result<Option<RegistryLogId>, RegistryStorageError> {
@@ -267,5 +282,28 @@ impl RaftLogStorage<RegistryTypeConfig> for SqliteLogStore {
         })
         .await
         .map_err(|message| io_error(StorageIOError::write_logs, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synchronous(connection: &Connection) -> Result<i64, String> {
+        connection.query_row("PRAGMA synchronous", [], |row| row.get(0)).map_err(|error| error.to_string())
+    }
+
+    /// The committed marker is written without an fsync; everything after it
+    /// (votes, appends) is synced again.
+    #[tokio::test]
+    async fn only_the_committed_marker_skips_the_fsync() {
+        const FULL: i64 = 2;
+        let directory = tempfile::tempdir().unwrap();
+        let mut store = SqliteLogStore::open(&directory.path().join("raft.db")).unwrap();
+        assert_eq!(store.run(|connection| synchronous(connection)).await.unwrap(), FULL);
+        let committed = Some(RegistryLogId::new(openraft::CommittedLeaderId::new(1, 1), 3));
+        store.save_committed(committed).await.unwrap();
+        assert_eq!(store.run(|connection| synchronous(connection)).await.unwrap(), FULL);
+        assert_eq!(store.read_committed().await.unwrap(), committed);
     }
 }

@@ -15,14 +15,20 @@ use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::UserKey;
 use crate::admin::ClusterStatus;
-use crate::api::{ExpiredCallback, RegistryApiService, local_status, unix_now_ms};
+use crate::api::{ExpiredCallback, RegistryApiService, Removal, announce_removed, local_status};
 use crate::log_store::SqliteLogStore;
 use crate::network::{GrpcNetworkFactory, MAX_MESSAGE_BYTES, RaftRpcService};
 use crate::raft_types::RegistryRaft;
 use crate::state::{Command, CommandOutcome};
 use crate::state_machine::{RegistryStateMachine, SharedState};
+use crate::unix_now_ms;
+
+/// The node's gauges are published at most this often (changes in between
+/// are coalesced into the next publication) …
+const METRICS_MIN_GAP: Duration = Duration::from_millis(100);
+/// … and at least this often, changed or not.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// How a registry node runs.
 #[derive(Clone, Debug)]
@@ -145,7 +151,7 @@ impl RegistryNode {
                 .with_context(|| format!("cannot open {}", data_dir.join("raft.db").display()))
         })
         .await??;
-        let state_machine = RegistryStateMachine::open(config.node_id, config.data_dir.join("snapshots")).await?;
+        let state_machine = RegistryStateMachine::open(config.data_dir.join("snapshots")).await?;
         let shared = state_machine.shared();
         let network = GrpcNetworkFactory {
             node_id: config.node_id,
@@ -173,7 +179,7 @@ impl RegistryNode {
         }
 
         let background = vec![
-            tokio::spawn(publish_raft_metrics(raft.clone())),
+            tokio::spawn(publish_metrics(config.node_id, raft.clone(), shared.clone())),
             tokio::spawn(expire_gateways(raft.clone(), shared.clone(), config.gateway_lease, on_expired.clone())),
         ];
         let api = RegistryApiService {
@@ -193,10 +199,6 @@ impl RegistryNode {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         tonic::service::Routes::new(raft_service).add_service(RegistryApiServer::new(self.api.clone()))
-    }
-
-    pub fn node_id(&self) -> u64 {
-        self.node_id
     }
 
     /// This node's own view of the cluster (what `RegistryApi.Status` answers).
@@ -230,30 +232,54 @@ impl Drop for RegistryNode {
     }
 }
 
-/// Publishes the Raft gauges whenever openraft's metrics change.
-async fn publish_raft_metrics(raft: RegistryRaft) {
+/// Publishes the Raft and registry gauges at start, then after changes of
+/// openraft's metrics (a new role or term, appended, committed or applied
+/// entries, heartbeat acknowledgements), coalesced to at most one
+/// publication per [`METRICS_MIN_GAP`], and at least every
+/// [`METRICS_REFRESH`]. Applying entries does no metrics work itself.
+///
+/// The gauges are looked up on each publication rather than kept: the
+/// embedding process may install its metrics recorder after the node
+/// started, and a handle taken before that would stay a no-op.
+async fn publish_metrics(node_id: u64, raft: RegistryRaft, shared: SharedState) {
+    let node = node_id.to_string();
+    let gauge = |name: &'static str| metrics::gauge!(name, "node_id" => node.clone());
     let mut watched = raft.metrics();
     loop {
-        let metrics = watched.borrow_and_update().clone();
-        let node = metrics.id.to_string();
-        metrics::gauge!("beseda_raft_term", "node_id" => node.clone()).set(metrics.current_term as f64);
-        metrics::gauge!("beseda_raft_last_log_index", "node_id" => node.clone())
-            .set(metrics.last_log_index.unwrap_or(0) as f64);
-        metrics::gauge!("beseda_raft_last_applied_index", "node_id" => node.clone())
-            .set(metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0) as f64);
+        let (term, last_log_index, last_applied, is_leader, quorum_ack_age) = {
+            let metrics = watched.borrow_and_update();
+            let is_leader = metrics.state == ServerState::Leader;
+            // A leader cut off from its voters keeps believing it leads;
+            // this age grows on it while a new leader is elected elsewhere.
+            let quorum_ack_age = metrics.millis_since_quorum_ack.filter(|_| is_leader).unwrap_or(0);
+            let last_applied = metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0);
+            (metrics.current_term, metrics.last_log_index.unwrap_or(0), last_applied, is_leader, quorum_ack_age)
+        };
+        gauge("beseda_raft_term").set(term as f64);
+        gauge("beseda_raft_last_log_index").set(last_log_index as f64);
+        gauge("beseda_raft_last_applied_index").set(last_applied as f64);
         // openraft's metrics leave the commit index out; its state has it.
         if let Ok(committed) = raft.with_raft_state(|state| state.committed.map(|log_id| log_id.index)).await {
-            metrics::gauge!("beseda_raft_commit_index", "node_id" => node.clone()).set(committed.unwrap_or(0) as f64);
+            gauge("beseda_raft_commit_index").set(committed.unwrap_or(0) as f64);
         }
-        let is_leader = metrics.state == ServerState::Leader;
-        // A leader cut off from its voters keeps believing it leads; this
-        // age grows on it while a new leader is elected elsewhere.
-        let quorum_ack_age = metrics.millis_since_quorum_ack.filter(|_| is_leader).unwrap_or(0);
-        metrics::gauge!("beseda_raft_leader_quorum_ack_age_seconds", "node_id" => node.clone())
-            .set(quorum_ack_age as f64 / 1000.0);
-        metrics::gauge!("beseda_raft_is_leader", "node_id" => node).set(if is_leader { 1.0 } else { 0.0 });
-        if watched.changed().await.is_err() {
-            return;
+        gauge("beseda_raft_leader_quorum_ack_age_seconds").set(quorum_ack_age as f64 / 1000.0);
+        gauge("beseda_raft_is_leader").set(if is_leader { 1.0 } else { 0.0 });
+        let (gateways, connections) = {
+            let state = shared.read();
+            (state.registry.gateway_count(), state.registry.connection_count())
+        };
+        gauge("beseda_registry_gateways").set(gateways as f64);
+        gauge("beseda_registry_connections").set(connections as f64);
+
+        tokio::time::sleep(METRICS_MIN_GAP).await;
+        tokio::select! {
+            changed = watched.changed() => {
+                // The Raft member has stopped.
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(METRICS_REFRESH - METRICS_MIN_GAP) => {}
         }
     }
 }
@@ -283,20 +309,13 @@ async fn expire_gateways(raft: RegistryRaft, shared: SharedState, lease: Duratio
             continue;
         }
         let now_ms = unix_now_ms();
-        if shared.read().registry.expired_gateways(now_ms).is_empty() {
+        if !shared.read().registry.has_expired_gateways(now_ms) {
             continue;
         }
         match raft.client_write(Command::Expire { now_ms }).await {
             Ok(written) => {
                 if let CommandOutcome::Removed { gateways, went_offline } = written.data {
-                    tracing::warn!(
-                        ?gateways,
-                        users = went_offline.len(),
-                        "registry gateways expired: their leases ran out"
-                    );
-                    if !went_offline.is_empty() {
-                        on_expired(went_offline.into_iter().map(UserKey::from).collect());
-                    }
+                    announce_removed(&on_expired, Removal::Expired, &gateways, went_offline);
                 }
             }
             Err(error) => tracing::debug!(%error, "registry expiry not proposed"),

@@ -7,55 +7,18 @@
 //! `BTreeMap`s so that iteration order, and with it every answer and every
 //! snapshot, is the same on every replica.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{PresenceChange, UserKey};
 
-/// A user of one application, in the form stored in the Raft log and in
-/// snapshots ([`UserKey`] itself carries no serde or ordering).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RegistryUser {
-    pub application_id: String,
-    pub user_id: String,
-}
-
-impl From<&UserKey> for RegistryUser {
-    fn from(user: &UserKey) -> Self {
-        RegistryUser { application_id: user.application_id.clone(), user_id: user.user_id.clone() }
-    }
-}
-
-impl From<RegistryUser> for UserKey {
-    fn from(user: RegistryUser) -> Self {
-        UserKey { application_id: user.application_id, user_id: user.user_id }
-    }
-}
-
-/// [`PresenceChange`] in the form stored in the Raft log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PresenceChangeRecord {
-    CameOnline,
-    WentOffline,
-    Unchanged,
-}
-
-impl From<PresenceChangeRecord> for PresenceChange {
-    fn from(change: PresenceChangeRecord) -> Self {
-        match change {
-            PresenceChangeRecord::CameOnline => PresenceChange::CameOnline,
-            PresenceChangeRecord::WentOffline => PresenceChange::WentOffline,
-            PresenceChangeRecord::Unchanged => PresenceChange::Unchanged,
-        }
-    }
-}
-
 /// One connection opened or closed on a gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Delta {
-    Connected(RegistryUser),
-    Disconnected(RegistryUser),
+    Connected(UserKey),
+    Disconnected(UserKey),
 }
 
 /// A command carried by one Raft log entry.
@@ -78,7 +41,7 @@ pub enum Command {
         sequence: u64,
         now_ms: u64,
         lease_ms: u64,
-        connections: Vec<(RegistryUser, u32)>,
+        connections: Vec<(UserKey, u32)>,
     },
     /// Graceful shutdown of a gateway: forget its connections now.
     Deregister { gateway: String },
@@ -91,9 +54,9 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
     /// A batch: one change per delta, in the batch's order.
-    Deltas(Vec<PresenceChangeRecord>),
+    Deltas(Vec<PresenceChange>),
     /// A resync: the users whose presence the resync changed.
-    Resynced(Vec<(RegistryUser, PresenceChangeRecord)>),
+    Resynced(Vec<(UserKey, PresenceChange)>),
     /// A batch of a gateway session the registry does not know: nothing was
     /// applied; the gateway must resync, then send the batch again.
     UnknownGateway,
@@ -102,7 +65,7 @@ pub enum CommandOutcome {
     Stale,
     /// A deregistration or expiry: the gateways removed and the users that
     /// went offline with them.
-    Removed { gateways: Vec<String>, went_offline: Vec<RegistryUser> },
+    Removed { gateways: Vec<String>, went_offline: Vec<UserKey> },
     /// A blank or membership entry: no command to apply.
     NoCommand,
 }
@@ -117,7 +80,7 @@ pub struct GatewayRecord {
     pub lease_expires_ms: u64,
     /// Connection counts per user on this gateway (never zero).
     #[serde(with = "user_counts")]
-    pub connections: BTreeMap<RegistryUser, u32>,
+    pub connections: BTreeMap<UserKey, u32>,
     /// The answer to `last_sequence`, repeated if that command is retried.
     pub last_outcome: CommandOutcome,
 }
@@ -129,14 +92,14 @@ mod user_counts {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use super::RegistryUser;
+    use crate::UserKey;
 
-    pub fn serialize<S: Serializer>(counts: &BTreeMap<RegistryUser, u32>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(counts: &BTreeMap<UserKey, u32>, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(counts.iter())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<RegistryUser, u32>, D::Error> {
-        let pairs = Vec::<(RegistryUser, u32)>::deserialize(deserializer)?;
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<UserKey, u32>, D::Error> {
+        let pairs = Vec::<(UserKey, u32)>::deserialize(deserializer)?;
         Ok(pairs.into_iter().filter(|(_, count)| *count > 0).collect())
     }
 }
@@ -153,8 +116,21 @@ pub struct StateSnapshot {
 pub struct RegistryState {
     gateways: BTreeMap<String, GatewayRecord>,
     /// Index: user → gateway → count, for presence questions.
-    by_user: BTreeMap<RegistryUser, BTreeMap<String, u32>>,
+    by_user: BTreeMap<UserKey, BTreeMap<String, u32>>,
     total_connections: u64,
+}
+
+impl GatewayRecord {
+    /// The answer to a command of this gateway's session that is not new: the
+    /// remembered outcome for a retry of the last one, `Stale` for an older
+    /// one; `None` for a command still to apply.
+    fn replayed(&self, sequence: u64) -> Option<CommandOutcome> {
+        match sequence.cmp(&self.last_sequence) {
+            Ordering::Equal => Some(self.last_outcome.clone()),
+            Ordering::Less => Some(CommandOutcome::Stale),
+            Ordering::Greater => None,
+        }
+    }
 }
 
 impl RegistryState {
@@ -166,7 +142,7 @@ impl RegistryState {
         let mut state = RegistryState { gateways: snapshot.gateways, ..Default::default() };
         for (gateway, record) in &state.gateways {
             for (user, count) in &record.connections {
-                *state.by_user.entry(user.clone()).or_default().entry(gateway.clone()).or_default() += count;
+                Self::add_to_index(&mut state.by_user, user.clone(), gateway, *count);
                 state.total_connections += u64::from(*count);
             }
         }
@@ -204,28 +180,26 @@ impl RegistryState {
         if record.session != session {
             return CommandOutcome::UnknownGateway;
         }
-        if sequence == record.last_sequence {
-            return record.last_outcome.clone();
-        }
-        if sequence < record.last_sequence {
-            return CommandOutcome::Stale;
+        if let Some(answer) = record.replayed(sequence) {
+            return answer;
         }
         let mut changes = Vec::with_capacity(deltas.len());
         for delta in deltas {
             let change = match delta {
                 Delta::Connected(user) => {
                     *record.connections.entry(user.clone()).or_default() += 1;
-                    let nodes = self.by_user.entry(user).or_default();
-                    let was_online = !nodes.is_empty();
-                    *nodes.entry(gateway.clone()).or_default() += 1;
                     self.total_connections += 1;
-                    if was_online { PresenceChangeRecord::Unchanged } else { PresenceChangeRecord::CameOnline }
+                    if Self::add_to_index(&mut self.by_user, user, &gateway, 1) {
+                        PresenceChange::CameOnline
+                    } else {
+                        PresenceChange::Unchanged
+                    }
                 }
                 Delta::Disconnected(user) => {
                     let Some(count) = record.connections.get_mut(&user) else {
                         // Counts never go below zero: a disconnect the
                         // registry has no connection for changes nothing.
-                        changes.push(PresenceChangeRecord::Unchanged);
+                        changes.push(PresenceChange::Unchanged);
                         continue;
                     };
                     *count -= 1;
@@ -234,9 +208,9 @@ impl RegistryState {
                     }
                     self.total_connections -= 1;
                     if Self::remove_from_index(&mut self.by_user, &user, &gateway, 1) {
-                        PresenceChangeRecord::WentOffline
+                        PresenceChange::WentOffline
                     } else {
-                        PresenceChangeRecord::Unchanged
+                        PresenceChange::Unchanged
                     }
                 }
             };
@@ -255,19 +229,15 @@ impl RegistryState {
         session: u64,
         sequence: u64,
         lease_expires_ms: u64,
-        connections: Vec<(RegistryUser, u32)>,
+        connections: Vec<(UserKey, u32)>,
     ) -> CommandOutcome {
         if let Some(record) = self.gateways.get(&gateway)
             && record.session == session
+            && let Some(answer) = record.replayed(sequence)
         {
-            if sequence == record.last_sequence {
-                return record.last_outcome.clone();
-            }
-            if sequence < record.last_sequence {
-                return CommandOutcome::Stale;
-            }
+            return answer;
         }
-        let mut new_counts = BTreeMap::<RegistryUser, u32>::new();
+        let mut new_counts = BTreeMap::<UserKey, u32>::new();
         for (user, count) in connections {
             if count > 0 {
                 let total = new_counts.entry(user).or_default();
@@ -275,25 +245,25 @@ impl RegistryState {
             }
         }
         let old_counts = self.gateways.remove(&gateway).map(|record| record.connections).unwrap_or_default();
-        let affected: BTreeSet<RegistryUser> = old_counts.keys().chain(new_counts.keys()).cloned().collect();
-        let online_before: BTreeSet<RegistryUser> =
+        let affected: BTreeSet<UserKey> = old_counts.keys().chain(new_counts.keys()).cloned().collect();
+        let online_before: BTreeSet<UserKey> =
             affected.iter().filter(|user| self.by_user.contains_key(*user)).cloned().collect();
         for (user, count) in &old_counts {
             Self::remove_from_index(&mut self.by_user, user, &gateway, *count);
             self.total_connections -= u64::from(*count);
         }
         for (user, count) in &new_counts {
-            *self.by_user.entry(user.clone()).or_default().entry(gateway.clone()).or_default() += count;
+            Self::add_to_index(&mut self.by_user, user.clone(), &gateway, *count);
             self.total_connections += u64::from(*count);
         }
-        let changes: Vec<(RegistryUser, PresenceChangeRecord)> = affected
+        let changes: Vec<(UserKey, PresenceChange)> = affected
             .into_iter()
             .filter_map(|user| {
                 let was_online = online_before.contains(&user);
                 let is_online = self.by_user.contains_key(&user);
                 match (was_online, is_online) {
-                    (false, true) => Some((user, PresenceChangeRecord::CameOnline)),
-                    (true, false) => Some((user, PresenceChangeRecord::WentOffline)),
+                    (false, true) => Some((user, PresenceChange::CameOnline)),
+                    (true, false) => Some((user, PresenceChange::WentOffline)),
                     _ => None,
                 }
             })
@@ -330,11 +300,30 @@ impl RegistryState {
         CommandOutcome::Removed { gateways: removed, went_offline: went_offline.into_iter().collect() }
     }
 
+    /// Adds `count` connections of `user` on `gateway` to the per-user index;
+    /// answers whether the user had no connection anywhere before.
+    fn add_to_index(
+        by_user: &mut BTreeMap<UserKey, BTreeMap<String, u32>>,
+        user: UserKey,
+        gateway: &str,
+        count: u32,
+    ) -> bool {
+        let nodes = by_user.entry(user).or_default();
+        let was_offline = nodes.is_empty();
+        match nodes.get_mut(gateway) {
+            Some(on_gateway) => *on_gateway += count,
+            None => {
+                nodes.insert(gateway.to_owned(), count);
+            }
+        }
+        was_offline
+    }
+
     /// Takes `count` connections of `user` on `gateway` out of the per-user
     /// index; answers whether the user has no connection left anywhere.
     fn remove_from_index(
-        by_user: &mut BTreeMap<RegistryUser, BTreeMap<String, u32>>,
-        user: &RegistryUser,
+        by_user: &mut BTreeMap<UserKey, BTreeMap<String, u32>>,
+        user: &UserKey,
         gateway: &str,
         count: u32,
     ) -> bool {
@@ -355,6 +344,11 @@ impl RegistryState {
         }
     }
 
+    /// Whether some gateway's lease ran out by `now_ms`.
+    pub fn has_expired_gateways(&self, now_ms: u64) -> bool {
+        self.gateways.values().any(|record| record.lease_expires_ms <= now_ms)
+    }
+
     /// Gateways whose lease ran out by `now_ms`, in name order.
     pub fn expired_gateways(&self, now_ms: u64) -> Vec<String> {
         self.gateways
@@ -364,12 +358,12 @@ impl RegistryState {
             .collect()
     }
 
-    pub fn is_online(&self, user: &RegistryUser) -> bool {
+    pub fn is_online(&self, user: &UserKey) -> bool {
         self.by_user.contains_key(user)
     }
 
     /// Gateways where the user has at least one connection, in name order.
-    pub fn nodes_of(&self, user: &RegistryUser) -> Vec<String> {
+    pub fn nodes_of(&self, user: &UserKey) -> Vec<String> {
         self.by_user.get(user).map(|nodes| nodes.keys().cloned().collect()).unwrap_or_default()
     }
 
@@ -395,25 +389,21 @@ impl RegistryState {
             })
             .collect()
     }
-
-    pub fn gateway(&self, gateway: &str) -> Option<&GatewayRecord> {
-        self.gateways.get(gateway)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn user(name: &str) -> RegistryUser {
-        RegistryUser { application_id: "app".into(), user_id: name.into() }
+    fn user(name: &str) -> UserKey {
+        UserKey { application_id: "app".into(), user_id: name.into() }
     }
 
     fn batch(gateway: &str, sequence: u64, now_ms: u64, deltas: Vec<Delta>) -> Command {
         Command::Batch { gateway: gateway.into(), session: 7, sequence, now_ms, lease_ms: 1_000, deltas }
     }
 
-    fn resync(gateway: &str, sequence: u64, now_ms: u64, connections: Vec<(RegistryUser, u32)>) -> Command {
+    fn resync(gateway: &str, sequence: u64, now_ms: u64, connections: Vec<(UserKey, u32)>) -> Command {
         Command::Resync { gateway: gateway.into(), session: 7, sequence, now_ms, lease_ms: 1_000, connections }
     }
 
@@ -425,7 +415,7 @@ mod tests {
         state
     }
 
-    use PresenceChangeRecord::{CameOnline, Unchanged, WentOffline};
+    use PresenceChange::{CameOnline, Unchanged, WentOffline};
 
     #[test]
     fn presence_follows_the_first_and_last_connection_anywhere() {
@@ -525,7 +515,9 @@ mod tests {
         state.apply(batch("g1", 2, 0, vec![Delta::Connected(user("a")), Delta::Connected(user("b"))]));
         state.apply(batch("g2", 2, 500, vec![Delta::Connected(user("b"))]));
         assert_eq!(state.expired_gateways(999), Vec::<String>::new());
+        assert!(!state.has_expired_gateways(999));
         assert_eq!(state.expired_gateways(1_000), vec!["g1"]);
+        assert!(state.has_expired_gateways(1_000));
         let outcome = state.apply(Command::Expire { now_ms: 1_200 });
         assert_eq!(outcome, CommandOutcome::Removed { gateways: vec!["g1".into()], went_offline: vec![user("a")] });
         assert_eq!(state.gateway_count(), 1);
@@ -546,6 +538,44 @@ mod tests {
             CommandOutcome::Removed { gateways: vec![], went_offline: vec![] }
         );
         assert_eq!(state.connection_count(), 1);
+    }
+
+    /// Log entries and snapshots written by earlier builds stay readable:
+    /// the JSON of users, presence changes, commands, outcomes and gateway
+    /// records is pinned here.
+    #[test]
+    fn the_persisted_json_format_is_stable() {
+        let command = Command::Resync {
+            gateway: "g1".into(),
+            session: 7,
+            sequence: 1,
+            now_ms: 5,
+            lease_ms: 1_000,
+            connections: vec![(user("a"), 2)],
+        };
+        let command_json = r#"{"Resync":{"gateway":"g1","session":7,"sequence":1,"now_ms":5,"lease_ms":1000,"connections":[[{"application_id":"app","user_id":"a"},2]]}}"#;
+        assert_eq!(serde_json::to_string(&command).unwrap(), command_json);
+        assert_eq!(serde_json::from_str::<Command>(command_json).unwrap(), command);
+        let batch = batch("g1", 2, 5, vec![Delta::Connected(user("a")), Delta::Disconnected(user("b"))]);
+        let batch_json = r#"{"Batch":{"gateway":"g1","session":7,"sequence":2,"now_ms":5,"lease_ms":1000,"deltas":[{"Connected":{"application_id":"app","user_id":"a"}},{"Disconnected":{"application_id":"app","user_id":"b"}}]}}"#;
+        assert_eq!(serde_json::to_string(&batch).unwrap(), batch_json);
+        assert_eq!(serde_json::from_str::<Command>(batch_json).unwrap(), batch);
+
+        let mut state = RegistryState::new();
+        state.apply(command);
+        let snapshot_json = r#"{"gateways":{"g1":{"session":7,"last_sequence":1,"lease_expires_ms":1005,"connections":[[{"application_id":"app","user_id":"a"},2]],"last_outcome":{"Resynced":[[{"application_id":"app","user_id":"a"},"CameOnline"]]}}}}"#;
+        assert_eq!(serde_json::to_string(&state.to_snapshot()).unwrap(), snapshot_json);
+        let restored = RegistryState::from_snapshot(serde_json::from_str(snapshot_json).unwrap());
+        assert_eq!(restored, state);
+
+        let outcomes = vec![
+            CommandOutcome::Deltas(vec![CameOnline, Unchanged, WentOffline]),
+            CommandOutcome::Removed { gateways: vec!["g1".into()], went_offline: vec![user("a")] },
+            CommandOutcome::UnknownGateway,
+        ];
+        let outcomes_json = r#"[{"Deltas":["CameOnline","Unchanged","WentOffline"]},{"Removed":{"gateways":["g1"],"went_offline":[{"application_id":"app","user_id":"a"}]}},"UnknownGateway"]"#;
+        assert_eq!(serde_json::to_string(&outcomes).unwrap(), outcomes_json);
+        assert_eq!(serde_json::from_str::<Vec<CommandOutcome>>(outcomes_json).unwrap(), outcomes);
     }
 
     #[test]

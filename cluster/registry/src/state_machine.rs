@@ -12,7 +12,6 @@ use std::fs::{self, File};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, Snapshot, StorageError, StorageIOError, StoredMembership};
@@ -22,6 +21,7 @@ use crate::raft_types::{
     RegistryEntry, RegistryLogId, RegistryMembership, RegistrySnapshotMeta, RegistryStorageError, RegistryTypeConfig,
 };
 use crate::state::{CommandOutcome, RegistryState, StateSnapshot};
+use crate::unix_now_ms;
 
 const CURRENT_SNAPSHOT: &str = "current.json";
 
@@ -79,17 +79,36 @@ impl SnapshotDirectory {
         self.path.join(CURRENT_SNAPSHOT)
     }
 
-    /// Blocking: reads and decodes the current snapshot, if any.
-    fn load(&self) -> Result<Option<(SnapshotDocument, Vec<u8>)>, String> {
+    /// Blocking: the current snapshot file's bytes, if there is one.
+    fn read_current(&self) -> Result<Option<Vec<u8>>, String> {
         let path = self.current_path();
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(format!("cannot read {}: {error}", path.display())),
+        }
+    }
+
+    /// Blocking: reads and decodes the current snapshot, if any (on start).
+    fn load(&self) -> Result<Option<SnapshotDocument>, String> {
+        let Some(bytes) = self.read_current()? else {
+            return Ok(None);
         };
-        let document: SnapshotDocument = serde_json::from_slice(&bytes)
-            .map_err(|error| format!("{} is not a registry snapshot: {error}", path.display()))?;
-        Ok(Some((document, bytes)))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| format!("{} is not a registry snapshot: {error}", self.current_path().display()))
+    }
+
+    /// Blocking: the current snapshot's bytes with its metadata, which
+    /// [`Self::current`] holds already (the file is not decoded). The lock
+    /// keeps a concurrent [`Self::store`] from pairing new bytes with old
+    /// metadata.
+    fn current_snapshot(&self) -> Result<Option<(RegistrySnapshotMeta, Vec<u8>)>, String> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(meta) = current.as_ref() else {
+            return Ok(None);
+        };
+        Ok(self.read_current()?.map(|bytes| (meta.clone(), bytes)))
     }
 
     /// Blocking: makes `bytes` the current snapshot unless a newer one is
@@ -133,21 +152,20 @@ async fn blocking<T: Send + 'static>(job: impl FnOnce() -> Result<T, String> + S
 
 /// The registry's [`RaftStateMachine`].
 pub struct RegistryStateMachine {
-    node_id: u64,
     shared: SharedState,
     snapshots: Arc<SnapshotDirectory>,
 }
 
 impl RegistryStateMachine {
     /// Opens the snapshot directory and loads the state of its snapshot.
-    pub async fn open(node_id: u64, snapshot_dir: PathBuf) -> anyhow::Result<Self> {
+    pub async fn open(snapshot_dir: PathBuf) -> anyhow::Result<Self> {
         let directory = snapshot_dir.clone();
         let loaded = blocking(move || {
             fs::create_dir_all(&directory)
                 .map_err(|error| format!("cannot create {}: {error}", directory.display()))?;
             remove_temporary_files(&directory);
             let snapshots = SnapshotDirectory { path: directory, current: Mutex::new(None) };
-            let document = snapshots.load()?.map(|(document, _)| document);
+            let document = snapshots.load()?;
             Ok((snapshots, document))
         })
         .await
@@ -161,20 +179,11 @@ impl RegistryStateMachine {
             state.registry = RegistryState::from_snapshot(document.state);
             *snapshots.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(document.meta);
         }
-        let machine = RegistryStateMachine { node_id, shared, snapshots: Arc::new(snapshots) };
-        machine.publish_gauges(&machine.shared.read());
-        Ok(machine)
+        Ok(RegistryStateMachine { shared, snapshots: Arc::new(snapshots) })
     }
 
     pub fn shared(&self) -> SharedState {
         self.shared.clone()
-    }
-
-    fn publish_gauges(&self, state: &AppliedState) {
-        let node = self.node_id.to_string();
-        metrics::gauge!("beseda_registry_gateways", "node_id" => node.clone())
-            .set(state.registry.gateway_count() as f64);
-        metrics::gauge!("beseda_registry_connections", "node_id" => node).set(state.registry.connection_count() as f64);
     }
 }
 
@@ -217,7 +226,6 @@ impl RaftStateMachine<RegistryTypeConfig> for RegistryStateMachine {
             };
             outcomes.push(outcome);
         }
-        self.publish_gauges(&state);
         Ok(outcomes)
     }
 
@@ -242,9 +250,15 @@ impl RaftStateMachine<RegistryTypeConfig> for RegistryStateMachine {
     ) -> Result<(), RegistryStorageError> {
         let received: SnapshotDocument = serde_json::from_slice(snapshot.get_ref())
             .map_err(|error| snapshot_error(Some(meta), format!("the received snapshot is not valid: {error}")))?;
-        // Stored under the metadata openraft hands us, which is authoritative.
-        let bytes = serde_json::to_vec(&SnapshotDocumentRef { meta, state: &received.state })
-            .map_err(|error| snapshot_error(Some(meta), format!("cannot encode the snapshot: {error}")))?;
+        // Stored under the metadata openraft hands us, which is authoritative;
+        // it is normally the one inside the document, whose bytes are then
+        // stored as received.
+        let bytes = if received.meta == *meta {
+            snapshot.into_inner()
+        } else {
+            serde_json::to_vec(&SnapshotDocumentRef { meta, state: &received.state })
+                .map_err(|error| snapshot_error(Some(meta), format!("cannot encode the snapshot: {error}")))?
+        };
         let snapshots = self.snapshots.clone();
         let stored_meta = meta.clone();
         blocking(move || snapshots.store(&stored_meta, &bytes))
@@ -254,14 +268,13 @@ impl RaftStateMachine<RegistryTypeConfig> for RegistryStateMachine {
         state.last_applied = meta.last_log_id;
         state.last_membership = meta.last_membership.clone();
         state.registry = RegistryState::from_snapshot(received.state);
-        self.publish_gauges(&state);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<RegistryTypeConfig>>, RegistryStorageError> {
         let snapshots = self.snapshots.clone();
-        let loaded = blocking(move || snapshots.load()).await.map_err(read_snapshot_error)?;
-        Ok(loaded.map(|(document, bytes)| Snapshot { meta: document.meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        let current = blocking(move || snapshots.current_snapshot()).await.map_err(read_snapshot_error)?;
+        Ok(current.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
 
@@ -276,7 +289,7 @@ pub struct RegistrySnapshotBuilder {
 
 impl RaftSnapshotBuilder<RegistryTypeConfig> for RegistrySnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<RegistryTypeConfig>, RegistryStorageError> {
-        let built_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0);
+        let built_at = unix_now_ms();
         let snapshot_id = match &self.last_applied {
             Some(log_id) => {
                 format!("{}-{}-{}-{built_at}", log_id.leader_id.term, log_id.leader_id.node_id, log_id.index)

@@ -14,7 +14,7 @@ impl StoreBuilder<RegistryTypeConfig, SqliteLogStore, RegistryStateMachine, temp
         let directory = tempfile::tempdir().expect("temporary directory");
         let log_store = SqliteLogStore::open(&directory.path().join("raft.db")).expect("open the log store");
         let state_machine =
-            RegistryStateMachine::open(1, directory.path().join("snapshots")).await.expect("open the state machine");
+            RegistryStateMachine::open(directory.path().join("snapshots")).await.expect("open the state machine");
         Ok((directory, log_store, state_machine))
     }
 }

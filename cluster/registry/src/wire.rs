@@ -6,7 +6,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::admin::{ClusterMember, ClusterStatus, GatewayLease};
-use crate::state::{Delta, PresenceChangeRecord, RegistryUser};
+use crate::state::Delta;
 use crate::{PresenceChange, UserKey};
 
 /// Metadata of a "not the leader" refusal: the leader's node id.
@@ -70,17 +70,15 @@ pub(crate) fn user_to_wire(user: &UserKey) -> wire::RegistryUserKey {
     wire::RegistryUserKey { application_id: user.application_id.clone(), user_id: user.user_id.clone() }
 }
 
-fn registry_user_to_wire(user: &RegistryUser) -> wire::RegistryUserKey {
-    wire::RegistryUserKey { application_id: user.application_id.clone(), user_id: user.user_id.clone() }
+impl From<wire::RegistryUserKey> for UserKey {
+    fn from(user: wire::RegistryUserKey) -> Self {
+        UserKey { application_id: user.application_id, user_id: user.user_id }
+    }
 }
 
-pub(crate) fn user_from_wire(user: Option<wire::RegistryUserKey>, field: &str) -> Result<RegistryUser, Status> {
-    let user = user.ok_or_else(|| Status::invalid_argument(format!("`{field}` is missing")))?;
-    Ok(RegistryUser { application_id: user.application_id, user_id: user.user_id })
-}
-
-pub(crate) fn user_key_from_wire(user: Option<wire::RegistryUserKey>, field: &str) -> Result<UserKey, Status> {
-    user_from_wire(user, field).map(UserKey::from)
+/// An optional message field that must be set.
+pub(crate) fn user_from_wire(user: Option<wire::RegistryUserKey>, field: &str) -> Result<UserKey, Status> {
+    user.map(UserKey::from).ok_or_else(|| Status::invalid_argument(format!("`{field}` is missing")))
 }
 
 pub(crate) fn delta_to_wire(delta: &Delta) -> wire::RegistryDelta {
@@ -88,7 +86,7 @@ pub(crate) fn delta_to_wire(delta: &Delta) -> wire::RegistryDelta {
         Delta::Connected(user) => (user, wire::RegistryDeltaKind::Connected),
         Delta::Disconnected(user) => (user, wire::RegistryDeltaKind::Disconnected),
     };
-    wire::RegistryDelta { user: Some(registry_user_to_wire(user)), kind: kind as i32 }
+    wire::RegistryDelta { user: Some(user_to_wire(user)), kind: kind as i32 }
 }
 
 pub(crate) fn delta_from_wire(delta: wire::RegistryDelta, position: usize) -> Result<Delta, Status> {
@@ -103,16 +101,18 @@ pub(crate) fn delta_from_wire(delta: wire::RegistryDelta, position: usize) -> Re
     }
 }
 
-pub(crate) fn connections_to_wire(connections: &[(RegistryUser, u32)]) -> Vec<wire::RegistryConnectionCount> {
+pub(crate) fn connections_to_wire<'a>(
+    connections: impl IntoIterator<Item = (&'a UserKey, &'a u32)>,
+) -> Vec<wire::RegistryConnectionCount> {
     connections
-        .iter()
-        .map(|(user, count)| wire::RegistryConnectionCount { user: Some(registry_user_to_wire(user)), count: *count })
+        .into_iter()
+        .map(|(user, count)| wire::RegistryConnectionCount { user: Some(user_to_wire(user)), count: *count })
         .collect()
 }
 
 pub(crate) fn connections_from_wire(
     connections: Vec<wire::RegistryConnectionCount>,
-) -> Result<Vec<(RegistryUser, u32)>, Status> {
+) -> Result<Vec<(UserKey, u32)>, Status> {
     connections
         .into_iter()
         .enumerate()
@@ -122,11 +122,11 @@ pub(crate) fn connections_from_wire(
         .collect()
 }
 
-pub(crate) fn change_to_wire(change: PresenceChangeRecord) -> wire::RegistryPresenceChange {
+pub(crate) fn change_to_wire(change: PresenceChange) -> wire::RegistryPresenceChange {
     match change {
-        PresenceChangeRecord::CameOnline => wire::RegistryPresenceChange::CameOnline,
-        PresenceChangeRecord::WentOffline => wire::RegistryPresenceChange::WentOffline,
-        PresenceChangeRecord::Unchanged => wire::RegistryPresenceChange::Unchanged,
+        PresenceChange::CameOnline => wire::RegistryPresenceChange::CameOnline,
+        PresenceChange::WentOffline => wire::RegistryPresenceChange::WentOffline,
+        PresenceChange::Unchanged => wire::RegistryPresenceChange::Unchanged,
     }
 }
 
@@ -140,12 +140,14 @@ pub(crate) fn change_from_wire(change: i32) -> PresenceChange {
     }
 }
 
-pub(crate) fn user_changes_to_wire(changes: Vec<(RegistryUser, PresenceChangeRecord)>) -> wire::RegistryUserChanges {
+pub(crate) fn user_changes_to_wire<'a>(
+    changes: impl IntoIterator<Item = (&'a UserKey, PresenceChange)>,
+) -> wire::RegistryUserChanges {
     wire::RegistryUserChanges {
         changes: changes
             .into_iter()
             .map(|(user, change)| wire::RegistryUserPresenceChange {
-                user: Some(registry_user_to_wire(&user)),
+                user: Some(user_to_wire(user)),
                 change: change_to_wire(change) as i32,
             })
             .collect(),
@@ -160,7 +162,7 @@ pub(crate) fn user_changes_from_wire(
         .into_iter()
         .enumerate()
         .map(|(position, entry)| {
-            Ok((user_key_from_wire(entry.user, &format!("changes[{position}].user"))?, change_from_wire(entry.change)))
+            Ok((user_from_wire(entry.user, &format!("changes[{position}].user"))?, change_from_wire(entry.change)))
         })
         .collect()
 }

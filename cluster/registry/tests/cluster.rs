@@ -102,6 +102,56 @@ async fn a_connect_storm_lands_in_few_raft_entries_with_the_right_presence() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_of_answers_many_users_in_one_read_like_is_online_does_one_by_one() {
+    let _one_at_a_time = ONE_CLUSTER_AT_A_TIME.lock().await;
+    bounded(async {
+        let cluster = TestCluster::start(3, 5_000).await;
+        let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+        let gateway_a = client(&cluster, "gateway-a");
+        let gateway_b = client(&cluster, "gateway-b");
+        gateway_a.connected(&user("alice"), "gateway-a").await.unwrap();
+        gateway_b.connected(&user("bob"), "gateway-b").await.unwrap();
+        gateway_a.connected(&user("carol"), "gateway-a").await.unwrap();
+        gateway_a.disconnected(&user("carol"), "gateway-a").await.unwrap();
+        // As many users as one presence watch may name, in any order, with
+        // repeats and users never seen.
+        let mut users: Vec<_> = (0..996).map(|index| user(&format!("nobody-{index}"))).collect();
+        users.extend(["bob", "carol", "alice", "bob"].map(user));
+        users.rotate_right(500);
+
+        let together = gateway_a.online_of(&users).await.unwrap();
+        let mut one_by_one = Vec::new();
+        for user in &users {
+            one_by_one.push(gateway_b.is_online(user).await.unwrap());
+        }
+        assert_eq!(together, one_by_one);
+        assert_eq!(together.iter().filter(|online| **online).count(), 3, "alice and bob (twice)");
+        assert_eq!(gateway_a.online_of(&[]).await.unwrap(), Vec::<bool>::new());
+
+        // Over the wire: one query, one answer per user in order.
+        let mut api = RegistryApiClient::connect(cluster.nodes[&leader].url()).await.unwrap();
+        let query = wire::RegistryQueryRequest {
+            query: Some(wire::registry_query_request::Query::OnlineOf(wire::RegistryUserKeyList {
+                users: ["alice", "carol", "bob"]
+                    .map(|name| wire::RegistryUserKey { application_id: "app".into(), user_id: name.into() })
+                    .to_vec(),
+            })),
+        };
+        let answer = api.query(query).await.unwrap().into_inner();
+        assert!(answer.read_index > 0);
+        assert_eq!(
+            answer.answer,
+            Some(wire::registry_query_response::Answer::OnlineOf(wire::RegistryOnlineList {
+                online: vec![true, false, true]
+            }))
+        );
+        drop((gateway_a, gateway_b));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_keeps_working_when_the_leader_dies() {
     let _one_at_a_time = ONE_CLUSTER_AT_A_TIME.lock().await;
     bounded(async {
