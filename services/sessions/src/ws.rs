@@ -280,7 +280,8 @@ impl Connection {
                 Some(wire::bus_event::Kind::ConversationEvent(conversation_event)) => {
                     // The publisher's trace continues here, through the context the event carries.
                     let span = tracing::info_span!("gateway.deliver", seq = conversation_event.seq);
-                    if !event.trace_context.is_empty() {
+                    // A disabled span (tracing off, or filtered) has no parent to set.
+                    if !span.is_disabled() && !event.trace_context.is_empty() {
                         let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
                             propagator.extract(&event.trace_context)
                         });
@@ -379,20 +380,27 @@ impl Connection {
                 ),
             ));
         }
-        let mut users = Vec::with_capacity(watch.user_ids.len());
-        for user_id in watch.user_ids {
+        // Subscribe before reading presence, so no change in between is missed.
+        let mut keys = Vec::with_capacity(watch.user_ids.len());
+        for user_id in &watch.user_ids {
             let topic =
                 Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
             self.streams.insert(
                 StreamKey::Presence(user_id.clone()),
                 Box::pin(self.gateway.bus.subscribe(&topic).await.into_stream()),
             );
-            let key = UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
-            let online = self.gateway.registry.is_online(&key).await.map_err(|unavailable| {
-                Error::new(ErrorCode::Unavailable, format!("{unavailable}; watch presence again in a few seconds"))
-            })?;
-            users.push(wire::Presence { online, user_id });
+            keys.push(UserKey { application_id: self.caller.application_id.clone(), user_id: user_id.clone() });
         }
+        // One registry read for all of them (in a cluster, one leader round trip).
+        let online = self.gateway.registry.online_of(&keys).await.map_err(|unavailable| {
+            Error::new(ErrorCode::Unavailable, format!("{unavailable}; watch presence again in a few seconds"))
+        })?;
+        let users = watch
+            .user_ids
+            .into_iter()
+            .zip(online)
+            .map(|(user_id, online)| wire::Presence { online, user_id })
+            .collect();
         Ok(server_frame::Body::Presence(wire::PresenceList { users }))
     }
 
@@ -533,10 +541,6 @@ async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Re
     Ok(Greeted { caller, user, encoding, protocol_version: hello.protocol_version })
 }
 
-async fn publish_presence(gateway: &Gateway, user: &UserKey, online: bool) {
-    publish_presence_change(gateway.bus.as_ref(), user, online).await;
-}
-
 /// Tells the watchers of `user` that they came online or went offline (also
 /// used by the registry when a dead gateway's connections are purged).
 pub async fn publish_presence_change(bus: &dyn beseda_bus::Bus, user: &UserKey, online: bool) {
@@ -590,7 +594,7 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         let user_key = user_key.clone();
         async move {
             match gateway.registry.connected(&user_key, &gateway.config.node_id).await {
-                Ok(PresenceChange::CameOnline) => publish_presence(&gateway, &user_key, true).await,
+                Ok(PresenceChange::CameOnline) => publish_presence_change(gateway.bus.as_ref(), &user_key, true).await,
                 Ok(_) => {}
                 Err(unavailable) => tracing::warn!(%unavailable, "connection not recorded in the session registry"),
             }
@@ -645,7 +649,7 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     let _ = writer.await;
     let _ = recorded.await;
     match gateway.registry.disconnected(&user_key, &gateway.config.node_id).await {
-        Ok(PresenceChange::WentOffline) => publish_presence(&gateway, &user_key, false).await,
+        Ok(PresenceChange::WentOffline) => publish_presence_change(gateway.bus.as_ref(), &user_key, false).await,
         Ok(_) => {}
         Err(unavailable) => tracing::warn!(%unavailable, "disconnection not recorded in the session registry"),
     }
