@@ -41,6 +41,17 @@ pub enum Topic {
 }
 
 impl Topic {
+    /// The topic's kind, for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Topic::Conversation { .. } => "conversation",
+            Topic::User { .. } => "user",
+            Topic::Presence { .. } => "presence",
+            Topic::Application { .. } => "application",
+            Topic::Outbox => "outbox",
+        }
+    }
+
     /// Events a subscriber of this topic may fall behind before it must
     /// resync from storage. tokio allocates every slot of a broadcast
     /// channel up front (about 32 bytes each), and a gateway holds one
@@ -82,8 +93,9 @@ pub(crate) fn resync_marker() -> Arc<BusEvent> {
 /// A subscription to one topic. Dropping it unsubscribes.
 pub struct Subscription {
     receiver: broadcast::Receiver<Arc<BusEvent>>,
-    /// Dropped with the subscription: lets a bus notice its last local
-    /// subscriber leaving (the Redis bus then unsubscribes the channel).
+    /// Dropped with the subscription, after `receiver` (fields drop in
+    /// order): lets a bus notice its last local subscriber leaving (the
+    /// Redis bus then unsubscribes the channel).
     _release: Option<Box<dyn Send + Sync>>,
 }
 

@@ -424,17 +424,19 @@ impl LocalTopic {
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            // The task re-checks the receiver count itself, so whether this
-            // subscription's receiver is already gone does not matter.
+        // A `Subscription` drops its receiver before this, so the last local
+        // subscriber of a topic always sees none left; the others need not
+        // wake the subscriber task (a topic shared by every connection of an
+        // application would otherwise cost a wake-up per disconnect). The
+        // task re-checks the count, so a racing new subscriber is kept.
+        let Some(shared) = self.shared.upgrade() else { return };
+        let unused = shared.topics.get(&self.channel).is_none_or(|local| local.sender.receiver_count() == 0);
+        if unused {
             let _ = shared.reconcile.send(std::mem::take(&mut self.channel));
         }
     }
 }
 
-/// Pauses between reconnection attempts: doubling from [`INITIAL_BACKOFF`] to
-/// a maximum, each randomised down to half so that the gateways of a cluster
-/// do not all reconnect in the same instant after a Redis restart.
 /// The timings of [`RedisBusConfig`] the connection tasks work by.
 #[derive(Clone, Copy, Debug)]
 struct Timings {
@@ -443,6 +445,9 @@ struct Timings {
     command_timeout: Duration,
 }
 
+/// Pauses between reconnection attempts: doubling from [`INITIAL_BACKOFF`] to
+/// a maximum, each randomised down to half so that the gateways of a cluster
+/// do not all reconnect in the same instant after a Redis restart.
 struct Backoff {
     next: Duration,
     max: Duration,

@@ -138,13 +138,7 @@ impl RoutingService {
     /// that span's trace context, so the gateway that delivers it continues
     /// the trace (left empty when tracing is off).
     async fn publish(&self, topic: &Topic, mut bus_event: wire::BusEvent) {
-        let topic_kind = match topic {
-            Topic::Conversation { .. } => "conversation",
-            Topic::User { .. } => "user",
-            Topic::Presence { .. } => "presence",
-            Topic::Application { .. } => "application",
-            Topic::Outbox => "outbox",
-        };
+        let topic_kind = topic.kind();
         let span = tracing::info_span!("bus.publish", topic_kind);
         let context = span.context();
         if context.span().span_context().is_valid() {
