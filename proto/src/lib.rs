@@ -21,6 +21,11 @@ pub const MAX_PROTOCOL_VERSION: u32 = 1;
 /// internal call between Beseda processes (`cluster.token`).
 pub const CLUSTER_TOKEN_METADATA: &str = "x-beseda-cluster-token";
 
+/// The largest message on internal gRPC, both ways: a page of 250 messages,
+/// each with its 100 KB of data and 4,000 characters, fits several times
+/// over (tonic's own default, 4 MB, would not hold one such page).
+pub const INTERNAL_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Adds the cluster token, when one is configured, to every outgoing call
 /// of a client built `with_interceptor`.
 #[derive(Clone, Debug, Default)]
@@ -40,18 +45,11 @@ impl ClusterToken {
     }
 }
 
-impl ClusterToken {
-    /// Adds the token (if any) to one outgoing request.
-    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
+impl tonic::service::Interceptor for ClusterToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
             request.metadata_mut().insert(CLUSTER_TOKEN_METADATA, token.clone());
         }
-    }
-}
-
-impl tonic::service::Interceptor for ClusterToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        self.authorize(&mut request);
         Ok(request)
     }
 }

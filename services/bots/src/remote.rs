@@ -15,7 +15,6 @@ use beseda_routing::{Caller, status};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Frames buffered in each direction of a forwarded processing connection.
 const FRAMES_BUFFERED: usize = 256;
@@ -25,17 +24,22 @@ use crate::processing::{ClientFrames, ProcessingConnector, ServerFrames, error_f
 /// Forwards the bots API to the bots instances.
 #[derive(Clone)]
 pub struct RemoteBots {
-    pool: Arc<EndpointPool<BotsClient<Channel>>>,
+    pool: Arc<EndpointPool>,
 }
 
 impl RemoteBots {
     pub async fn connect(endpoints: &[String], config: ClusterClientConfig) -> Result<Self, Error> {
-        Ok(RemoteBots { pool: EndpointPool::start("bots", endpoints, config, BotsClient::new).await? })
+        Ok(RemoteBots { pool: EndpointPool::start("bots", endpoints, config).await? })
+    }
+
+    /// Processing connections to the same instances, over the same channels.
+    pub fn processing(&self) -> RemoteProcessing {
+        RemoteProcessing { pool: self.pool.clone() }
     }
 }
 
 beseda_routing::forward_to_pool! {
-impl Bots for RemoteBots {
+impl Bots for RemoteBots via BotsClient {
     create_bot(wire::CreateBotRequest) -> wire::Bot;
     get_bot(wire::GetBotRequest) -> wire::Bot;
     update_bot(wire::UpdateBotRequest) -> wire::Bot;
@@ -61,16 +65,11 @@ impl Bots for RemoteBots {
 }
 }
 
-/// Opens processing connections on the bots instances.
+/// Opens processing connections on the bots instances
+/// ([`RemoteBots::processing`]).
 #[derive(Clone)]
 pub struct RemoteProcessing {
-    pool: Arc<EndpointPool<BotProcessingClient<Channel>>>,
-}
-
-impl RemoteProcessing {
-    pub async fn connect(endpoints: &[String], config: ClusterClientConfig) -> Result<Self, Error> {
-        Ok(RemoteProcessing { pool: EndpointPool::start("bots", endpoints, config, BotProcessingClient::new).await? })
-    }
+    pool: Arc<EndpointPool>,
 }
 
 impl ProcessingConnector for RemoteProcessing {
@@ -80,7 +79,7 @@ impl ProcessingConnector for RemoteProcessing {
         tokio::spawn(async move {
             // All processing connections of one application meet on one bots
             // instance, where a newer one supersedes the older (standard #798).
-            let Some(mut client) = pool.client_for_key(&caller.application_id).await else {
+            let Some(channel) = pool.channel_for_key(&caller.application_id).await else {
                 let error = Error::new(ErrorCode::Unavailable, "no bots instance is known; connect again shortly");
                 let _ = downstream_sender.send(error_frame(&error)).await;
                 return;
@@ -101,9 +100,10 @@ impl ProcessingConnector for RemoteProcessing {
                 }
                 None
             });
-            let mut request = caller.request(ReceiverStream::new(upstream));
-            pool.authorize(&mut request);
-            match client.process(request).await {
+            let mut client = BotProcessingClient::new(channel)
+                .max_decoding_message_size(beseda_proto::INTERNAL_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(beseda_proto::INTERNAL_MAX_MESSAGE_BYTES);
+            match client.process(caller.request(ReceiverStream::new(upstream))).await {
                 Ok(response) => {
                     let mut frames = response.into_inner();
                     loop {

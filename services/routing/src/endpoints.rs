@@ -21,12 +21,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use beseda_core::Error;
-use beseda_proto::ClusterToken;
+use beseda_proto::{CLUSTER_TOKEN_METADATA, ClusterToken};
 use tokio::sync::RwLock;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-pub use beseda_proto::CLUSTER_TOKEN_METADATA as CLUSTER_TOKEN_KEY;
+/// A channel to one instance that adds the cluster token to every call.
+/// Cheap to clone; any generated client wraps it (`RoutingClient::new`).
+pub type ClusterChannel = InterceptedService<Channel, ClusterToken>;
 
 /// Timeout of establishing one connection to an instance.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -88,22 +91,23 @@ impl Target {
     }
 }
 
-struct Member<C> {
+struct Member {
     address: SocketAddr,
-    client: C,
+    channel: ClusterChannel,
 }
 
-/// Clients of one service, one per instance.
-pub struct EndpointPool<C> {
+/// Channels to every instance of one service, one per instance, shared by
+/// all the clients of that service in this process.
+pub struct EndpointPool {
     service: &'static str,
-    members: RwLock<Vec<Member<C>>>,
+    members: RwLock<Vec<Member>>,
     next: AtomicUsize,
     config: ClusterClientConfig,
     /// `config.token`, parsed once into header form.
     token: ClusterToken,
 }
 
-impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
+impl EndpointPool {
     /// Resolves `urls` now (an unresolvable name is an error at start, so a
     /// typo is caught by the operator rather than by the first client) and
     /// again every `config.refresh`.
@@ -111,7 +115,6 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
         service: &'static str,
         urls: &[String],
         config: ClusterClientConfig,
-        make_client: fn(Channel) -> C,
     ) -> Result<Arc<Self>, Error> {
         let setting = format!("cluster.{service}_endpoints");
         if urls.is_empty() {
@@ -127,7 +130,7 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
             config,
             token,
         });
-        let resolved = pool.refresh(&targets, make_client).await;
+        let resolved = pool.refresh(&targets).await;
         if resolved == 0 {
             return Err(Error::invalid(
                 &setting,
@@ -144,14 +147,14 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
             loop {
                 ticker.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
-                pool.refresh(&targets, make_client).await;
+                pool.refresh(&targets).await;
             }
         });
         Ok(pool)
     }
 
     /// Re-resolves every target; keeps the channels of addresses that stay.
-    async fn refresh(&self, targets: &[Target], make_client: fn(Channel) -> C) -> usize {
+    async fn refresh(&self, targets: &[Target]) -> usize {
         let mut wanted: Vec<(SocketAddr, &Target)> = Vec::new();
         for target in targets {
             match target.resolve().await {
@@ -181,7 +184,8 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5));
             tracing::info!(service = self.service, %address, "instance joined the pool");
-            next_members.push(Member { address, client: make_client(endpoint.connect_lazy()) });
+            let channel = InterceptedService::new(endpoint.connect_lazy(), self.token.clone());
+            next_members.push(Member { address, channel });
         }
         for gone in members.iter() {
             tracing::info!(service = self.service, address = %gone.address, "instance left the pool");
@@ -190,35 +194,32 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
         members.len()
     }
 
-    /// Addresses currently in the pool (for health and tests).
-    pub async fn addresses(&self) -> Vec<SocketAddr> {
-        self.members.read().await.iter().map(|member| member.address).collect()
-    }
-
     /// Calls `call` on one instance after another, starting at the next in
     /// round-robin order, until one takes the request. Only calls that never
     /// reached an instance are moved on; any answer (errors included) is final.
     pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
     where
-        F: FnMut(C) -> Fut,
+        F: FnMut(ClusterChannel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut tried = 0;
         loop {
-            // One client cloned per attempt, not the whole pool per call.
+            // One channel cloned per attempt, not the whole pool per call.
             let picked = {
                 let members = self.members.read().await;
                 let count = members.len();
-                members.get((start + tried) % count.max(1)).map(|member| (member.address, member.client.clone(), count))
+                members
+                    .get((start + tried) % count.max(1))
+                    .map(|member| (member.address, member.channel.clone(), count))
             };
-            let Some((address, client, count)) = picked else {
+            let Some((address, channel, count)) = picked else {
                 return Err(Status::unavailable(format!(
                     "no {} instance is known; check cluster endpoints",
                     self.service
                 )));
             };
-            match call(client).await {
+            match call(channel).await {
                 Err(status) if never_sent(&status) => {
                     tracing::debug!(service = self.service, %address, %status, "instance unreachable; trying the next");
                     metrics::counter!("beseda_cluster_failovers_total", "service" => self.service).increment(1);
@@ -249,14 +250,9 @@ impl<C: Clone + Send + Sync + 'static> EndpointPool<C> {
     /// joins or leaves only the keys it owns (or takes) move. Used where all
     /// of one tenant's streams must meet on one instance (bot processing
     /// connections, whose "one per application" rule is kept per instance).
-    pub async fn client_for_key(&self, key: &str) -> Option<C> {
+    pub async fn channel_for_key(&self, key: &str) -> Option<ClusterChannel> {
         let members = self.members.read().await;
-        members.iter().max_by_key(|member| rendezvous_weight(key, &member.address)).map(|member| member.client.clone())
-    }
-
-    /// Adds the cluster token to an outgoing request.
-    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
-        self.token.authorize(request);
+        members.iter().max_by_key(|member| rendezvous_weight(key, &member.address)).map(|member| member.channel.clone())
     }
 }
 
@@ -326,7 +322,7 @@ impl TokenCheck {
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         let Some(expected) = &self.token else { return Ok(request) };
-        let presented = request.metadata().get(CLUSTER_TOKEN_KEY).and_then(|value| value.to_str().ok());
+        let presented = request.metadata().get(CLUSTER_TOKEN_METADATA).and_then(|value| value.to_str().ok());
         match presented {
             Some(presented) if subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), expected.as_bytes()).into() => {
                 Ok(request)
@@ -384,16 +380,13 @@ mod tests {
         // Nothing listens on the first address; the second answers every call
         // with an error of its own, which must not be retried elsewhere.
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let pool = EndpointPool::start(
-            "routing",
-            &[format!("http://{dead}")],
-            ClusterClientConfig::default(),
-            beseda_proto::v1::routing_client::RoutingClient::new,
-        )
-        .await
-        .unwrap();
+        let pool =
+            EndpointPool::start("routing", &[format!("http://{dead}")], ClusterClientConfig::default()).await.unwrap();
         let status = pool
-            .call(|mut client| async move { client.get_server_info(beseda_proto::v1::Empty {}).await })
+            .call(|channel| async move {
+                let mut client = beseda_proto::v1::routing_client::RoutingClient::new(channel);
+                client.get_server_info(beseda_proto::v1::Empty {}).await
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unavailable);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use beseda_proto::v1 as wire;
 use beseda_proto::v1::routing_client::RoutingClient;
 use beseda_proto::v1::routing_server::Routing;
-use tonic::transport::Channel;
 
 use crate::endpoints::{ClusterClientConfig, EndpointPool};
 
@@ -15,14 +14,14 @@ use crate::endpoints::{ClusterClientConfig, EndpointPool};
 /// routing instances (see [`crate::endpoints`] for how one is chosen).
 #[derive(Clone)]
 pub struct RemoteRouting {
-    pool: Arc<EndpointPool<RoutingClient<Channel>>>,
+    pool: Arc<EndpointPool>,
 }
 
 impl RemoteRouting {
     /// Resolves the endpoints now; connections are made by the first calls,
     /// which fail with `unavailable` while no instance can be reached.
     pub async fn connect(endpoints: &[String], config: ClusterClientConfig) -> Result<Self, beseda_core::Error> {
-        Ok(RemoteRouting { pool: EndpointPool::start("routing", endpoints, config, RoutingClient::new).await? })
+        Ok(RemoteRouting { pool: EndpointPool::start("routing", endpoints, config).await? })
     }
 
     /// One endpoint with the default client settings.
@@ -31,13 +30,14 @@ impl RemoteRouting {
     }
 }
 
-/// Implements a tonic service trait by forwarding every call to a pool of
-/// remote instances (the struct has a `pool: Arc<EndpointPool<Client>>`
-/// field). Used for every service a process reaches over the network, so
-/// they all fail over and authenticate the same way.
+/// Implements a tonic service trait by forwarding every call, through the
+/// generated `$client`, to a pool of remote instances (the struct has a
+/// `pool: Arc<EndpointPool>` field). Used for every service a process reaches
+/// over the network, so they all fail over, authenticate and size their
+/// messages the same way.
 #[macro_export]
 macro_rules! forward_to_pool {
-    (impl $service:ident for $remote:ty { $( $method:ident ( $request:ty ) -> $response:ty; )* }) => {
+    (impl $service:ident for $remote:ident via $client:ident { $( $method:ident ( $request:ty ) -> $response:ty; )* }) => {
         #[tonic::async_trait]
         impl $service for $remote {
             $(
@@ -47,10 +47,12 @@ macro_rules! forward_to_pool {
                 ) -> Result<tonic::Response<$response>, tonic::Status> {
                     let (metadata, _, message) = request.into_parts();
                     self.pool
-                        .call(|mut client| {
-                            let mut request =
+                        .call(|channel| {
+                            let request =
                                 tonic::Request::from_parts(metadata.clone(), Default::default(), message.clone());
-                            self.pool.authorize(&mut request);
+                            let mut client = $client::new(channel)
+                                .max_decoding_message_size(beseda_proto::INTERNAL_MAX_MESSAGE_BYTES)
+                                .max_encoding_message_size(beseda_proto::INTERNAL_MAX_MESSAGE_BYTES);
                             async move { client.$method(request).await }
                         })
                         .await
@@ -61,7 +63,7 @@ macro_rules! forward_to_pool {
 }
 
 crate::forward_to_pool! {
-impl Routing for RemoteRouting {
+impl Routing for RemoteRouting via RoutingClient {
     authenticate(wire::AuthenticateRequest) -> wire::Authenticated;
     get_server_info(wire::Empty) -> wire::ServerInfo;
     request_registration(wire::RequestRegistrationRequest) -> wire::RequestRegistrationResponse;

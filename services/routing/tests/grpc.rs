@@ -163,3 +163,51 @@ async fn calls_move_on_from_an_instance_that_is_down() {
         assert_eq!(info.server_version, beseda_routing::SERVER_VERSION);
     }
 }
+
+#[tokio::test]
+async fn a_page_larger_than_tonics_default_limit_crosses_grpc() {
+    // 50 messages with the largest data allowed make a page of about 5 MB,
+    // over tonic's default 4 MB decoding limit; internal clients allow
+    // beseda_proto::INTERNAL_MAX_MESSAGE_BYTES.
+    const MESSAGES: usize = 50;
+    let directory = tempfile::tempdir().unwrap();
+    let (routing, application) = remote_routing(&directory).await;
+    let credentials = wire::AuthenticateRequest {
+        credentials: Some(wire::authenticate_request::Credentials::UserToken(user_token(&application, "a1", "Alice"))),
+    };
+    let authenticated = routing.authenticate(tonic::Request::new(credentials)).await.unwrap().into_inner();
+    let caller = Caller::from_wire(authenticated.caller.unwrap()).unwrap();
+    let conversation = routing
+        .create_conversation(caller.request(wire::CreateConversationRequest {
+            conversation: Some(wire::Conversation { title: "Large".into(), group: true, ..Default::default() }),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let by_id = || Some(wire::ConversationRef { by: Some(wire::conversation_ref::By::Id(conversation.id.clone())) });
+    for index in 0..MESSAGES {
+        routing
+            .send_message(caller.request(wire::SendMessageRequest {
+                conversation: by_id(),
+                text: format!("attachment {index}"),
+                data: Some(wire::MessageData {
+                    mime_type: "application/octet-stream".into(),
+                    content: vec![index as u8; beseda_core::limits::MAX_DATA_BYTES],
+                }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+    }
+    let page = routing
+        .get_messages(caller.request(wire::MessagesFilter {
+            count: MESSAGES as u32,
+            conversation: by_id(),
+            ..Default::default()
+        }))
+        .await
+        .expect("a 5 MB page is answered")
+        .into_inner();
+    assert_eq!(page.messages.len(), MESSAGES);
+    assert!(page.messages.iter().all(|message| message.data.as_ref().unwrap().content.len() == 100 * 1024));
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use beseda_bots::BotsService;
-use beseda_bots::remote::{RemoteBots, RemoteProcessing};
+use beseda_bots::remote::RemoteBots;
 use beseda_bus::redis::{RedisBus, RedisBusConfig};
 use beseda_bus::{Bus, InProcessBus};
 use beseda_proto::v1::bots_server::Bots;
@@ -34,10 +34,9 @@ use crate::roles::Role;
 
 /// Everything a running process is made of.
 pub struct Node {
-    /// The database, for the roles that use it (routing, bots).
-    pub store: Option<Arc<dyn Store>>,
     pub store_description: String,
-    pub mailer: Option<Arc<dyn Mailer>>,
+    /// Where activation codes and keys go, for the log.
+    pub mail_description: String,
     /// HTTP: the public API and WebSocket for a gateway; health and metrics always.
     pub router: axum::Router,
     /// Internal gRPC for the routing, bots and registry roles, when served.
@@ -57,7 +56,7 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
         StoreBackend::Embedded => {
             let path = config.server.data_dir.join("beseda.db");
             let store = SqliteStore::open(&path)
-                .map_err(|error| anyhow::anyhow!("{error}"))
+                .map_err(core_error)
                 .with_context(|| format!("cannot open the embedded database {}", path.display()))?;
             Ok((Arc::new(store), format!("embedded SQLite {}", path.display())))
         }
@@ -67,7 +66,7 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
                 Some(schema) => PostgresStore::connect_in_schema(url, schema, config.store.pool_size).await,
                 None => PostgresStore::connect(url, config.store.pool_size).await,
             };
-            let store = store.map_err(|error| anyhow::anyhow!("{error}")).context("cannot connect to PostgreSQL")?;
+            let store = store.map_err(core_error).context("cannot connect to PostgreSQL")?;
             let host = url.rsplit_once('@').map(|(_, host)| host).unwrap_or(url);
             Ok((Arc::new(store), format!("PostgreSQL {host}")))
         }
@@ -76,10 +75,8 @@ async fn open_store(config: &NodeConfig) -> anyhow::Result<(Arc<dyn Store>, Stri
 
 fn open_mailer(config: &NodeConfig) -> anyhow::Result<Arc<dyn Mailer>> {
     Ok(match &config.mail.smtp_url {
-        Some(url) => Arc::new(SmtpMailer::new(url, &config.mail.from).map_err(|error| anyhow::anyhow!("{error}"))?),
-        None => Arc::new(
-            OutboxMailer::new(config.outbox_dir(), &config.mail.from).map_err(|error| anyhow::anyhow!("{error}"))?,
-        ),
+        Some(url) => Arc::new(SmtpMailer::new(url, &config.mail.from).map_err(core_error)?),
+        None => Arc::new(OutboxMailer::new(config.outbox_dir(), &config.mail.from).map_err(core_error)?),
     })
 }
 
@@ -111,8 +108,10 @@ fn core_error(error: beseda_core::Error) -> anyhow::Error {
 pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     config.validate()?;
     let roles = &config.server.roles;
-    std::fs::create_dir_all(&config.server.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", config.server.data_dir.display()))?;
+    if roles.uses_data_dir() {
+        std::fs::create_dir_all(&config.server.data_dir)
+            .with_context(|| format!("cannot create the data directory {}", config.server.data_dir.display()))?;
+    }
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     let (store, store_description) = match roles.needs_store() {
         true => {
@@ -121,12 +120,7 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         }
         false => (None, "none (no role of this process uses the database)".to_owned()),
     };
-    // A bots process of its own listens on the bus for outbox commits, when there is a shared bus.
-    let needs_bus = roles.has(Role::Gateway)
-        || roles.has(Role::Routing)
-        || roles.has(Role::Registry)
-        || (roles.has(Role::Bots) && config.cluster.redis_url.is_some());
-    let (bus, bus_health) = match needs_bus {
+    let (bus, bus_health) = match roles.needs_bus(config.cluster.redis_url.is_some()) {
         true => {
             let (bus, health) = open_bus(config).await?;
             (Some(bus), health)
@@ -195,20 +189,13 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         let bus = bus.clone().context("a gateway needs the bus")?;
         let (bots, processing): (Arc<dyn Bots>, Arc<dyn beseda_bots::ProcessingConnector>) = match &local_bots {
             Some(bots) => (Arc::new(bots.clone()), Arc::new(bots.clone())),
-            None => (
-                Arc::new(
-                    RemoteBots::connect(&config.cluster.bots_endpoints, client_config(config))
-                        .await
-                        .map_err(core_error)
-                        .context("cannot set up the bots client")?,
-                ),
-                Arc::new(
-                    RemoteProcessing::connect(&config.cluster.bots_endpoints, client_config(config))
-                        .await
-                        .map_err(core_error)
-                        .context("cannot set up the bot processing client")?,
-                ),
-            ),
+            None => {
+                let remote = RemoteBots::connect(&config.cluster.bots_endpoints, client_config(config))
+                    .await
+                    .map_err(core_error)
+                    .context("cannot set up the bots client")?;
+                (Arc::new(remote.clone()), Arc::new(remote.processing()))
+            }
         };
         let gateway_registry: Arc<dyn Registry> = match config.cluster.registry_endpoints.is_empty() {
             true => Arc::new(LocalRegistry::new()),
@@ -236,7 +223,7 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         router = beseda_sessions::router(gateway);
     }
 
-    let grpc = match internal_grpc::serves(config) {
+    let grpc = match roles.serves_grpc() {
         true => Some(internal_grpc::routes(local_routing, local_bots, registry_node.as_deref())),
         false => None,
     };
@@ -250,7 +237,8 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
         routing: if roles.has(Role::Routing) { None } else { routing.clone() },
     };
     let router = router.merge(health::router(health_state));
-    Ok(Node { store, store_description, mailer, router, grpc, shutdown_sender, background, registry, registry_node })
+    let mail_description = mailer.as_ref().map(|mailer| mailer.describe()).unwrap_or_else(|| "none".into());
+    Ok(Node { store_description, mail_description, router, grpc, shutdown_sender, background, registry, registry_node })
 }
 
 /// Publishes "outbox rows were committed" for bots processes elsewhere; a
@@ -366,7 +354,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let grpc_listener = match internal_grpc::serves(&config) {
+    let grpc_listener = match config.server.roles.serves_grpc() {
         true => Some(
             TcpListener::bind(config.server.grpc_listen)
                 .await
@@ -377,8 +365,8 @@ pub async fn run(
     run_with_listeners(config, listener, grpc_listener, shutdown).await
 }
 
-/// [`run`] with the gRPC listener given too (tests bind port 0).
-pub async fn run_with_listeners(
+/// [`run`], once the gRPC listener (if any) is bound.
+async fn run_with_listeners(
     config: NodeConfig,
     listener: TcpListener,
     grpc_listener: Option<TcpListener>,
@@ -390,7 +378,7 @@ pub async fn run_with_listeners(
         %address,
         roles = %config.server.roles,
         store = %node.store_description,
-        mail = %node.mailer.as_ref().map(|mailer| mailer.describe()).unwrap_or_else(|| "none".into()),
+        mail = %node.mail_description,
         "beseda is serving"
     );
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);

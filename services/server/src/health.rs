@@ -2,7 +2,7 @@
 //! keeps working) and `GET /metrics` (Prometheus).
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use beseda_proto::v1::routing_server::Routing;
 use beseda_registry::{Registry, RegistryNode};
 use beseda_store::Store;
+use futures_util::future::OptionFuture;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
@@ -53,19 +54,33 @@ fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// How long one component's check may take. Kubernetes gives the whole
+/// probe 2 s (the chart's `timeoutSeconds`); the checks run at once, so a
+/// slow dependency makes the answer say so instead of timing the probe out.
+const COMPONENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn within_timeout<T>(check: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(COMPONENT_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {COMPONENT_TIMEOUT:?}")))
+}
+
 async fn store_component(store: &Arc<dyn Store>, description: &str) -> (bool, serde_json::Value) {
     let started = Instant::now();
     // A real round trip through the store (an indexed lookup that finds
     // nothing), so "ok" means queries are being answered, not just that a
     // pool exists.
-    let result = store.get_subscriber("00000000-0000-0000-0000-000000000000").await;
+    let result = within_timeout(async {
+        store.get_subscriber("00000000-0000-0000-0000-000000000000").await.map_err(|error| error.message)
+    })
+    .await;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let ok = result.is_ok();
     let body = json!({
         "ok": ok,
         "backend": description,
         "latencyMs": latency_ms,
-        "error": result.err().map(|error| error.message),
+        "error": result.err(),
     });
     (ok, body)
 }
@@ -81,12 +96,42 @@ fn bus_component(bus: &BusHealth) -> Option<(bool, serde_json::Value)> {
     }
 }
 
+/// Reported, never counted against readiness: a registry outage degrades
+/// presence only, while sessions and messages go on.
+async fn registry_component(registry: &Arc<dyn Registry>) -> serde_json::Value {
+    let connections =
+        within_timeout(async { registry.connection_count().await.map_err(|error| error.to_string()) }).await;
+    json!({
+        "ok": connections.is_ok(),
+        "kind": registry.kind(),
+        "connections": connections.as_ref().ok(),
+        "error": connections.err(),
+    })
+}
+
+async fn routing_component(routing: &Arc<dyn Routing>) -> (bool, serde_json::Value) {
+    let answer = within_timeout(async {
+        routing
+            .get_server_info(tonic::Request::new(beseda_proto::v1::Empty {}))
+            .await
+            .map_err(|status| status.message().to_owned())
+    })
+    .await;
+    let ok = answer.is_ok();
+    (ok, json!({"ok": ok, "kind": "remote", "error": answer.err()}))
+}
+
 async fn health(State(state): State<HealthState>) -> impl IntoResponse {
+    let (store, registry, voter, routing) = tokio::join!(
+        OptionFuture::from(state.store.as_ref().map(|store| store_component(store, &state.store_description))),
+        OptionFuture::from(state.registry.as_ref().map(registry_component)),
+        OptionFuture::from(state.registry_node.as_ref().map(|node| node.status())),
+        OptionFuture::from(state.routing.as_ref().map(routing_component)),
+    );
     let mut components = serde_json::Map::new();
     let mut all_ok = true;
     let mut store_ok = true;
-    if let Some(store) = &state.store {
-        let (ok, body) = store_component(store, &state.store_description).await;
+    if let Some((ok, body)) = store {
         store_ok = ok;
         all_ok &= ok;
         components.insert("store".into(), body);
@@ -95,32 +140,15 @@ async fn health(State(state): State<HealthState>) -> impl IntoResponse {
         all_ok &= ok;
         components.insert("bus".into(), body);
     }
-    if let Some(registry) = &state.registry {
-        // A registry outage degrades presence only: sessions and messages go
-        // on, so it does not make this gateway unready.
-        let connections = registry.connection_count().await;
-        components.insert(
-            "registry".into(),
-            json!({
-                "ok": connections.is_ok(),
-                "kind": registry.kind(),
-                "connections": connections.as_ref().ok(),
-                "error": connections.as_ref().err().map(|error| error.to_string()),
-            }),
-        );
+    if let Some(body) = registry {
+        components.insert("registry".into(), body);
     }
-    if let Some(node) = &state.registry_node {
-        let status = node.status().await;
+    if let Some(status) = voter {
         components.insert("registryVoter".into(), json!({"ok": status.role != "shutdown", "status": status}));
     }
-    if let Some(routing) = &state.routing {
-        let answer = routing.get_server_info(tonic::Request::new(beseda_proto::v1::Empty {})).await;
-        let ok = answer.is_ok();
+    if let Some((ok, body)) = routing {
         all_ok &= ok;
-        components.insert(
-            "routing".into(),
-            json!({"ok": ok, "kind": "remote", "error": answer.err().map(|status| status.message().to_owned())}),
-        );
+        components.insert("routing".into(), body);
     }
     let status = if all_ok { "ok" } else { "degraded" };
     let body = json!({

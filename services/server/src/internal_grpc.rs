@@ -14,20 +14,7 @@ use beseda_routing::RoutingService;
 use beseda_routing::endpoints::TokenCheck;
 use tokio::net::TcpListener;
 
-use crate::config::NodeConfig;
-use crate::roles::Role;
-
-/// The largest message accepted on internal gRPC: a message with its 100 KB
-/// of data and 4,000 characters fits many times over, and a page of 250
-/// messages does too.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Whether this process serves internal gRPC: a registry voter always; routing
-/// and bots when other processes call them (the roles are split).
-pub fn serves(config: &NodeConfig) -> bool {
-    let roles = &config.server.roles;
-    roles.has(Role::Registry) || (!roles.is_all_in_one() && (roles.has(Role::Routing) || roles.has(Role::Bots)))
-}
+use beseda_proto::INTERNAL_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES;
 
 pub fn routes(
     routing: Option<RoutingService>,

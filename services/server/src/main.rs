@@ -98,10 +98,10 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         println!("  WebSocket:  ws://{address}/ws");
     }
     println!("  Health:     http://{address}/rs/health    Metrics: http://{address}/metrics");
-    if beseda::internal_grpc::serves(&config) {
+    if roles.serves_grpc() {
         println!("  gRPC:       {} (internal)", config.server.grpc_listen);
     }
-    if roles.needs_store() || roles.has(Role::Registry) {
+    if roles.uses_data_dir() {
         println!("  Data:       {}", config.server.data_dir.display());
     }
     if roles.has(Role::Routing) {

@@ -21,8 +21,6 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Gateway, Role::Routing, Role::Bots, Role::Registry];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Gateway => "gateway",
@@ -69,10 +67,6 @@ impl Roles {
                 roles.push(part.parse()?);
             }
         }
-        Roles::from_list(roles)
-    }
-
-    pub fn from_list(mut roles: Vec<Role>) -> anyhow::Result<Roles> {
         roles.sort();
         roles.dedup();
         if roles.is_empty() {
@@ -95,9 +89,23 @@ impl Roles {
         self.has(Role::Routing) || self.has(Role::Bots)
     }
 
-    /// Whether this process serves internal gRPC.
+    /// Whether this process keeps files in its data directory: the embedded
+    /// database and the mail outbox (routing, bots), or the Raft log.
+    pub fn uses_data_dir(&self) -> bool {
+        self.needs_store() || self.has(Role::Registry)
+    }
+
+    /// Whether this process serves internal gRPC: a registry voter always;
+    /// routing and bots when other processes call them (the roles are split).
     pub fn serves_grpc(&self) -> bool {
-        self.has(Role::Routing) || self.has(Role::Bots) || self.has(Role::Registry)
+        self.has(Role::Registry) || (!self.is_all_in_one() && self.needs_store())
+    }
+
+    /// Whether this process opens the event bus. Everything but a bots
+    /// process does; a bots process of its own listens on a shared (Redis)
+    /// bus for outbox commits, and has nothing to hear on a private one.
+    pub fn needs_bus(&self, shared_bus: bool) -> bool {
+        self.has(Role::Gateway) || self.has(Role::Routing) || self.has(Role::Registry) || shared_bus
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Role> + '_ {
@@ -131,6 +139,12 @@ mod tests {
         assert_eq!(gateway.to_string(), "gateway");
         assert!(!gateway.needs_store());
         assert!(Roles::parse("registry").unwrap().serves_grpc());
+        assert!(Roles::parse("routing").unwrap().serves_grpc());
+        assert!(!Roles::default().serves_grpc(), "the all-in-one calls its services in process");
+        assert!(!gateway.serves_grpc());
+        assert!(!gateway.uses_data_dir());
+        assert!(!Roles::parse("bots").unwrap().needs_bus(false));
+        assert!(Roles::parse("bots").unwrap().needs_bus(true));
         let typo = Roles::parse("gateway,routng").unwrap_err().to_string();
         assert!(typo.contains("routng"), "{typo}");
         assert!(Roles::parse("").is_err());

@@ -113,11 +113,6 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    /// Whether traces are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes queued spans and stops the exporter. The flush blocks, so it
     /// runs off the async workers.
     pub async fn shutdown(mut self) {
