@@ -37,7 +37,10 @@ token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 pids=()
 names=()
 
+# stop_all STATUS: stops everything, then exits with STATUS (0 after Ctrl-C,
+# the failure's own status after fail() or a process that exited by itself).
 stop_all() {
+    local status=$1
     trap - INT TERM EXIT
     echo
     echo "stopping: gateways first (clients are told to reconnect), then the rest"
@@ -53,9 +56,10 @@ stop_all() {
     done
     wait 2>/dev/null || true
     echo "stopped; logs are in $data"
-    exit 0
+    exit "$status"
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all 0' INT TERM
+trap 'stop_all $?' EXIT
 
 # start NAME HTTP_PORT GRPC_PORT VAR=VALUE...
 start() {
@@ -135,3 +139,4 @@ for index in "${!pids[@]}"; do
         echo "local-cluster: ${names[$index]} exited; see $data/${names[$index]}.log" >&2
     fi
 done
+exit 1

@@ -35,20 +35,6 @@ ROLE_NEEDS = {
     "registry": {"redis"},
 }
 
-# The settings the chart may set when the server's code cannot be read: the configuration
-# contract of cluster mode plus docs/configuration.md. The server refuses to start on any other
-# BESEDA_* name, so when services/server/src/config.rs is there, its list is the one that counts.
-CONTRACT_SETTINGS = {
-    "BESEDA_ROLES", "BESEDA_LISTEN", "BESEDA_GRPC_LISTEN", "BESEDA_NODE_ID", "BESEDA_PUBLIC_URL",
-    "BESEDA_STORE_BACKEND", "BESEDA_POSTGRES_URL", "BESEDA_POSTGRES_SCHEMA",
-    "BESEDA_STORE_POOL_SIZE", "BESEDA_REDIS_URL", "BESEDA_ROUTING_ENDPOINTS",
-    "BESEDA_BOTS_ENDPOINTS", "BESEDA_REGISTRY_ENDPOINTS", "BESEDA_REGISTRY_PEERS",
-    "BESEDA_REGISTRY_ID", "BESEDA_DATA_DIR", "BESEDA_REGISTRY_GATEWAY_LEASE_SECONDS",
-    "BESEDA_SMTP_URL", "BESEDA_MAIL_FROM", "BESEDA_OTLP_ENDPOINT", "BESEDA_LOG_FORMAT",
-    "BESEDA_LOG", "BESEDA_SHUTDOWN_GRACE_SECONDS",
-}
-# Variables of other tools, which `beseda serve` ignores; never meant for a server pod.
-OTHER_TOOLS_PREFIXES = ("BESEDA_TEST_", "BESEDA_CTL_", "BESEDA_LOADTEST_", "BESEDA_BENCH_")
 # One arm of the environment match in NodeConfig::load: `"LISTEN" => ...`.
 CONFIG_RS_ARM = re.compile(r'^\s*"([A-Z][A-Z0-9_]*)"\s*=>', re.MULTILINE)
 
@@ -86,18 +72,13 @@ class Checker:
 
 
 def known_settings(repo_root):
-    """The BESEDA_* names the server accepts, and where that list came from."""
+    """The BESEDA_* names the server accepts (it refuses to start on any other), and where that
+    list came from: the environment match of NodeConfig::load in services/server/src/config.rs."""
     config_rs = repo_root / "services" / "server" / "src" / "config.rs"
-    if config_rs.exists():
-        names = {"BESEDA_" + key for key in CONFIG_RS_ARM.findall(config_rs.read_text())}
-        if len(names) >= 10:
-            return names, f"the {len(names)} settings services/server/src/config.rs accepts"
-    names = set(CONTRACT_SETTINGS)
-    configuration = repo_root / "docs" / "configuration.md"
-    if configuration.exists():
-        names |= {n for n in re.findall(r"`(BESEDA_[A-Z0-9_]+)`", configuration.read_text())
-                  if not n.startswith(OTHER_TOOLS_PREFIXES)}
-    return names, "the configuration contract and docs/configuration.md"
+    names = {"BESEDA_" + key for key in CONFIG_RS_ARM.findall(config_rs.read_text())}
+    if len(names) < 10:
+        sys.exit(f"{config_rs}: found only {len(names)} settings; has the environment match of NodeConfig::load moved?")
+    return names, f"the {len(names)} settings services/server/src/config.rs accepts"
 
 
 def load(path):
