@@ -166,6 +166,8 @@ def check_workload(workload, component, by_kind, settings, external_secret, chec
           and labels.get(COMPONENT_LABEL) == component,
           "the workload's selector matches its pods, labelled with their component")
     check(spec.get("automountServiceAccountToken") is False, "no service account token is mounted")
+    check(spec.get("enableServiceLinks") is False,
+          "no service-link variables are injected (the release's Services would share the BESEDA_ prefix)")
     check(len(spec["containers"]) == 1, "one container per pod")
 
     pod_security = spec.get("securityContext", {})

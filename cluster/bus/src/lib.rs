@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod redis;
+pub mod metric_families;
 
 use std::sync::{Arc, LazyLock};
 

@@ -252,6 +252,25 @@ impl Registry for RaftRegistryClient {
         }
     }
 
+    /// The voters in the membership of whichever voter answers first.
+    async fn voter_count(&self) -> RegistryResult<usize> {
+        let deadline = Instant::now() + self.request_timeout;
+        let status = self
+            .router
+            .call(Some(deadline), |mut client| async move { client.status(wire::RegistryStatusRequest {}).await })
+            .await
+            .map_err(|error| match error {
+                CallError::Unavailable(tried) => RegistryUnavailable(format!(
+                    "the registry status got no answer within {:?}; {tried}",
+                    self.request_timeout
+                )),
+                CallError::Refused(status) => {
+                    RegistryUnavailable(format!("the registry refused the status call: {}", status.message()))
+                }
+            })?;
+        Ok(status.members.iter().filter(|member| member.voter).count())
+    }
+
     async fn connection_count(&self) -> RegistryResult<usize> {
         use wire::registry_query_request::Query;
         use wire::registry_query_response::Answer;

@@ -18,6 +18,7 @@ pub mod admin;
 mod api;
 mod client;
 mod log_store;
+pub mod metric_families;
 mod network;
 mod node;
 mod raft_types;
@@ -98,6 +99,10 @@ pub trait Registry: Send + Sync + 'static {
     async fn node_stopping(&self, node_id: &str) -> RegistryResult<()>;
     /// What kind of registry this is, for /rs/health ("single-node", "raft").
     fn kind(&self) -> &'static str;
+    /// How many voters the registry has (1 for the single-node registry), as
+    /// the registry itself answers it: /rs/health reports it in the original
+    /// server's `hazelcast.members`.
+    async fn voter_count(&self) -> RegistryResult<usize>;
 }
 
 /// The single-node registry: connection counts per user and node.
@@ -118,6 +123,10 @@ impl LocalRegistry {
 
 #[async_trait]
 impl Registry for LocalRegistry {
+    async fn voter_count(&self) -> RegistryResult<usize> {
+        Ok(1)
+    }
+
     async fn connected(&self, user: &UserKey, node_id: &str) -> RegistryResult<PresenceChange> {
         let mut nodes = self.connections.entry(user.clone()).or_default();
         let was_online = !nodes.is_empty();

@@ -122,6 +122,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- $preStop := int $root.Values.config.preStopSleepSeconds -}}
 serviceAccountName: {{ include "beseda.serviceAccountName" $root }}
 automountServiceAccountToken: false
+# No service-link variables: the processes find each other through the
+# BESEDA_* settings below, and with a release named "beseda" the links
+# (BESEDA_GATEWAY_SERVICE_HOST, BESEDA_REGISTRY_PORT=tcp://...) would share
+# the server's prefix. The server skips their shapes anyway
+# (docs/configuration.md, "Reserved names").
+enableServiceLinks: false
 {{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

@@ -22,6 +22,7 @@ use beseda_store::Store;
 pub mod backoff;
 pub mod convert;
 pub mod grpc;
+pub mod metric_families;
 pub mod outbound;
 pub mod policy;
 pub mod processing;

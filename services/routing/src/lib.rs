@@ -31,6 +31,7 @@ pub mod endpoints;
 pub mod grpc;
 pub mod mail;
 pub mod messages;
+pub mod metric_families;
 pub mod notifications;
 pub mod registration;
 pub mod remote;

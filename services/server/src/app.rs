@@ -230,12 +230,16 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
     let health_state = HealthState {
         roles: roles.clone(),
         store: store.clone(),
-        store_description: store_description.clone(),
+        store_kind: match config.store.backend {
+            StoreBackend::Embedded => "embedded SQLite",
+            StoreBackend::Postgres => "PostgreSQL",
+        },
         bus: bus_health,
         registry: registry.clone(),
         registry_node: registry_node.clone(),
         routing: if roles.has(Role::Routing) { None } else { routing.clone() },
     };
+    health::register_metrics(roles, matches!(health_state.bus, BusHealth::Redis(_)));
     let router = router.merge(health::router(health_state));
     let mail_description = mailer.as_ref().map(|mailer| mailer.describe()).unwrap_or_else(|| "none".into());
     Ok(Node { store_description, mail_description, router, grpc, shutdown_sender, background, registry, registry_node })

@@ -286,6 +286,38 @@ where
     value.parse().map_err(|error| anyhow::anyhow!("environment variable {name}={value:?} is invalid: {error}"))
 }
 
+/// Whether `name` has a shape of the variables Kubernetes injects into every
+/// pod for every Service of its namespace (service links, on unless a pod
+/// sets `enableServiceLinks: false`): for a Service `beseda-gateway`,
+/// `BESEDA_GATEWAY_SERVICE_HOST`, `BESEDA_GATEWAY_SERVICE_PORT`,
+/// `BESEDA_GATEWAY_SERVICE_PORT_<PORT NAME>`, and the Docker-link style
+/// `BESEDA_GATEWAY_PORT=tcp://10.0.0.1:8087`,
+/// `BESEDA_GATEWAY_PORT_8087_TCP[_PROTO|_PORT|_ADDR]`. A release named
+/// `beseda` gives such names the server's own prefix; no setting of ours has
+/// these shapes (docs/configuration.md, "Reserved names"), so they are
+/// skipped rather than refused as unknown.
+pub fn is_kubernetes_service_link(name: &str, value: &str) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.ends_with("_SERVICE_PORT") || name.contains("_SERVICE_PORT_") {
+        return true;
+    }
+    let link_url = ["tcp://", "udp://", "sctp://"].iter().any(|scheme| value.starts_with(scheme));
+    if name.ends_with("_PORT") && link_url {
+        return true;
+    }
+    // <SERVICE>_PORT_<number>_<PROTOCOL>, optionally _PROTO, _PORT or _ADDR.
+    let parts: Vec<&str> = name.split('_').collect();
+    parts.windows(3).enumerate().any(|(index, window)| {
+        let [port, number, protocol] = window else { return false };
+        let rest = &parts[index + 3..];
+        *port == "PORT"
+            && index > 0
+            && !number.is_empty()
+            && number.bytes().all(|byte| byte.is_ascii_digit())
+            && matches!(*protocol, "TCP" | "UDP" | "SCTP")
+            && matches!(rest, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+    })
+}
+
 impl NodeConfig {
     /// Reads the file (if any), then applies environment overrides.
     pub fn load(file: Option<&Path>, environment: &[(String, String)]) -> anyhow::Result<NodeConfig> {
@@ -299,6 +331,9 @@ impl NodeConfig {
         };
         for (name, value) in environment {
             let Some(key) = name.strip_prefix("BESEDA_") else { continue };
+            if is_kubernetes_service_link(name, value) {
+                continue;
+            }
             match key {
                 "LISTEN" => config.server.listen = parse_env(name, value)?,
                 "DATA_DIR" => config.server.data_dir = PathBuf::from(value),
@@ -362,7 +397,7 @@ impl NodeConfig {
                 "LOG_FORMAT" => config.log.format = value.clone(),
                 "LOG" => config.log.filter = value.clone(),
                 // Variables of other tools (tests, CI, the load generator) share the prefix.
-                _ if key.starts_with("TEST_") || key.starts_with("LOADTEST_") || key.starts_with("BENCH_") => {}
+                _ if ["TEST_", "CTL_", "LOADTEST_", "BENCH_"].iter().any(|tool| key.starts_with(tool)) => {}
                 _ => bail!("unknown environment variable {name}; see docs/configuration.md for the list"),
             }
         }
@@ -605,6 +640,41 @@ mod tests {
         assert!(NodeConfig::load(None, &typo).is_err());
         let tools = vec![("BESEDA_LOADTEST_APPLICATION_KEY".to_owned(), "k".to_owned())];
         assert!(NodeConfig::load(None, &tools).is_ok(), "the load generator's variables are not the server's");
+    }
+
+    /// The variables Kubernetes injects for the chart's Services (release
+    /// `beseda`) share the server's prefix and are skipped; a misspelt
+    /// setting next to them is still refused.
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        let mut environment: Vec<(String, String)> = Vec::new();
+        for (service, port) in
+            [("BESEDA_GATEWAY", 8087), ("BESEDA_REGISTRY", 9087), ("BESEDA_ROUTING_GRPC", 9087), ("BESEDA", 8087)]
+        {
+            let address = "10.96.0.12";
+            for (name, value) in [
+                (format!("{service}_SERVICE_HOST"), address.to_owned()),
+                (format!("{service}_SERVICE_PORT"), port.to_string()),
+                (format!("{service}_SERVICE_PORT_HTTP"), port.to_string()),
+                (format!("{service}_PORT"), format!("tcp://{address}:{port}")),
+                (format!("{service}_PORT_{port}_TCP"), format!("tcp://{address}:{port}")),
+                (format!("{service}_PORT_{port}_TCP_PROTO"), "tcp".to_owned()),
+                (format!("{service}_PORT_{port}_TCP_PORT"), port.to_string()),
+                (format!("{service}_PORT_{port}_TCP_ADDR"), address.to_owned()),
+            ] {
+                environment.push((name, value));
+            }
+        }
+        environment.push(("BESEDA_LISTEN".to_owned(), "0.0.0.0:8087".to_owned()));
+        let config = NodeConfig::load(None, &environment).unwrap();
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:8087");
+
+        environment.push(("BESEDA_GRPC_PORT".to_owned(), "9087".to_owned()));
+        let error = format!("{:#}", NodeConfig::load(None, &environment).unwrap_err());
+        assert!(error.contains("BESEDA_GRPC_PORT"), "a port number is not a service link: {error}");
+        for not_a_link in ["BESEDA_PORT_8087_TCP_HOST", "BESEDA_X_PORT_80_HTTP", "BESEDA_LISTEN_PORT"] {
+            assert!(!is_kubernetes_service_link(not_a_link, "1"), "{not_a_link}");
+        }
     }
 
     #[test]

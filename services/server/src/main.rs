@@ -68,8 +68,7 @@ struct ServeFlags {
 
 async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     let ServeFlags { config, listen, data_dir, roles, grpc_listen } = flags;
-    let environment: Vec<(String, String)> =
-        std::env::vars().filter(|(name, _)| !name.starts_with("BESEDA_CTL_")).collect();
+    let environment: Vec<(String, String)> = std::env::vars().collect();
     let mut config = beseda::config::NodeConfig::load(config.as_deref(), &environment)?;
     if let Some(listen) = listen {
         config.server.listen = listen;

@@ -143,3 +143,65 @@ async fn a_token_issued_in_the_future_is_refused() {
     .unwrap();
     server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, "token_invalid").await;
 }
+
+/// The metric families of a docs/observability.md section, read from its table.
+fn documented_families(section: &str) -> Vec<String> {
+    let docs = include_str!("../../../docs/observability.md");
+    let start = docs.find(&format!("### {section}\n")).unwrap_or_else(|| panic!("no section {section}"));
+    let body = &docs[start + section.len() + 5..];
+    let end = body.find("\n### ").or_else(|| body.find("\n## ")).unwrap_or(body.len());
+    body[..end]
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .map(|rest| rest.split(['`', '{']).next().unwrap_or_default().to_owned())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fresh_server_exports_every_metric_family_and_tells_no_paths() {
+    let server = TestServer::start().await;
+
+    // Phase 1: the first scrape already lists every family of the roles this node runs (gateway,
+    // routing, store, bots), as documented, plus the process_* families and beseda_build_info.
+    let response = reqwest::get(format!("{}/metrics", server.base_url)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let text = response.text().await.unwrap();
+    let exported: std::collections::BTreeSet<&str> =
+        text.lines().filter_map(|line| line.strip_prefix("# TYPE ")).filter_map(|rest| rest.split(' ').next()).collect();
+    let mut expected: Vec<String> = ["Gateway", "Routing", "Store", "Bots"]
+        .into_iter()
+        .flat_map(documented_families)
+        .collect();
+    assert!(expected.len() > 20, "the documented tables were read: {expected:?}");
+    expected.extend(
+        ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds"]
+            .map(str::to_owned),
+    );
+    expected.push("beseda_build_info".to_owned());
+    let missing: Vec<&String> = expected.iter().filter(|name| !exported.contains(name.as_str())).collect();
+    assert!(missing.is_empty(), "families missing from a fresh node's /metrics: {missing:?}\n{text}");
+    let undocumented: Vec<&&str> = exported
+        .iter()
+        .filter(|name| name.starts_with("beseda_") && **name != "beseda_build_info")
+        .filter(|name| !expected.iter().any(|documented| documented == *name))
+        .filter(|name| !["Bus (Redis)", "Registry"].into_iter().flat_map(documented_families).any(|d| d == **name))
+        .collect();
+    assert!(undocumented.is_empty(), "exported but not in docs/observability.md: {undocumented:?}");
+    assert!(
+        text.contains(&format!("beseda_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "build info names the version: {text}"
+    );
+    assert!(text.contains("beseda_api_requests_total{operation=\"SendMessage\"} 0"), "labelled families at zero");
+
+    // Phase 2: health says what backs the store, not where its file is, and reports the real
+    // registry (one node here) in the original server's `hazelcast` field.
+    let health = server.ok("GET", "/rs/health", &Auth::None, None).await;
+    let data_dir = server.data_dir.path().to_string_lossy().into_owned();
+    assert!(!health.to_string().contains(&data_dir), "no path in /rs/health: {health}");
+    assert_eq!(health["components"]["store"]["backend"], "embedded SQLite", "{health}");
+    assert_eq!(health["hazelcast"], json!({"available": true, "members": 1}), "{health}");
+    assert_eq!(health["components"]["registry"]["voters"], 1, "{health}");
+}

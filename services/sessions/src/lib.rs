@@ -21,6 +21,7 @@ pub mod api;
 pub mod auth;
 pub mod bots;
 pub mod http_error;
+pub mod metric_families;
 pub mod openapi;
 pub mod ws;
 

@@ -294,6 +294,7 @@ pub mod conformance;
 mod domain;
 pub use domain::SqlStore;
 mod engine;
+pub mod metric_families;
 mod migrate;
 pub mod postgres;
 pub mod sqlite;
