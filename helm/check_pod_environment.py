@@ -17,9 +17,13 @@ for a Service `my-svc` with cluster IP `ip` and ports p1 (named `http`), p2 ...:
 The kubelet skips headless Services; this check gives every Service links as if it had a cluster
 IP, a superset, so a later Service with an IP cannot break the pods either.
 
-What points at in-cluster hosts is replaced by this machine's (PostgreSQL, Redis, listen
-addresses, data directory); every other variable, endpoint lists included, is the pod's own.
-A negative control adds a misspelt setting and expects the refusal that the check guards against.
+Every pod of the chart (three registry voters, routing, bots, a gateway) starts at once, as one
+cluster on loopback: what names a host of the cluster network is replaced by this machine's
+address for it (the Services' and pods' DNS names by the ports given to each process,
+PostgreSQL and Redis by the local ones, the data directory by a temporary one); every other
+variable is the pod's own. Each process must answer /rs/live and the gateway /rs/health (200:
+routing, Redis and the registry reached). A negative control adds a misspelt setting and expects
+the refusal that the check guards against.
 
 Usage: check_pod_environment.py RENDERED.yaml BINARY --postgres-url URL --redis-url URL
 """
@@ -38,7 +42,9 @@ import urllib.request
 import yaml
 
 CLUSTER_IP_BASE = "10.96.0."
-START_TIMEOUT_SECONDS = 30
+START_TIMEOUT_SECONDS = 60
+HTTP_PORT, GRPC_PORT = 8087, 9087
+COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 def link_name(service_name):
@@ -73,11 +79,12 @@ def kubernetes_service_links():
     return service_links(service, CLUSTER_IP_BASE + "1")
 
 
-def pod_name(workload):
+def pod_names(workload):
+    """The pods a workload makes: a StatefulSet's by ordinal, one pod of a Deployment."""
     name = workload["metadata"]["name"]
     if workload["kind"] == "StatefulSet":
-        return f"{name}-0"
-    return f"{name}-7c9d8f6b5-x2k4q"
+        return [f"{name}-{ordinal}" for ordinal in range(int(workload["spec"].get("replicas", 1)))]
+    return [f"{name}-7c9d8f6b5-x2k4q"]
 
 
 def resolve(value_from, by_kind, pod):
@@ -95,8 +102,7 @@ def resolve(value_from, by_kind, pod):
     sys.exit(f"unsupported valueFrom {value_from}")
 
 
-def container_environment(workload, by_kind):
-    pod = pod_name(workload)
+def container_environment(workload, pod, by_kind):
     container = workload["spec"]["template"]["spec"]["containers"][0]
     env = {}
     for source in container.get("envFrom", []):
@@ -109,7 +115,7 @@ def container_environment(workload, by_kind):
             env[variable["name"]] = str(variable["value"])
         else:
             env[variable["name"]] = resolve(variable["valueFrom"], by_kind, pod)
-    return pod, env
+    return env
 
 
 def free_port():
@@ -125,9 +131,9 @@ def free_port():
     sys.exit("no free port found")
 
 
-def live(port):
+def live(port, endpoint="live"):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/rs/live", timeout=1) as answer:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/rs/{endpoint}", timeout=1) as answer:
             return answer.status == 200
     except OSError:
         return False
@@ -149,12 +155,40 @@ def stop(process):
             process.wait()
 
 
+class Pod:
+    def __init__(self, workload, name, env):
+        self.workload, self.name, self.env = workload, name, env
+        self.component = workload["spec"]["template"]["metadata"]["labels"].get(COMPONENT_LABEL)
+        self.ports = {HTTP_PORT: free_port(), GRPC_PORT: free_port()}
+        self.process = None
+        self.log_path = None
+
+
+def loopback_addresses(pods, services, namespace):
+    """In-cluster DNS names of the chart's Services and pods -> this machine's address for them."""
+    addresses = {}
+    for service in services:
+        selector = service["spec"].get("selector", {})
+        backing = [pod for pod in pods if pod.component == selector.get(COMPONENT_LABEL)]
+        if not backing:
+            continue
+        service_host = f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
+        for port in service["spec"].get("ports", []):
+            target = port.get("targetPort", port["port"])
+            target = {"http": HTTP_PORT, "grpc": GRPC_PORT}.get(target, target)
+            addresses[f"{service_host}:{port['port']}"] = f"127.0.0.1:{backing[0].ports[int(target)]}"
+            for pod in backing:
+                addresses[f"{pod.name}.{service_host}:{port['port']}"] = f"127.0.0.1:{pod.ports[int(target)]}"
+    return addresses
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
     parser.add_argument("binary")
     parser.add_argument("--postgres-url", required=True)
     parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--namespace", default="beseda-ci")
     arguments = parser.parse_args()
 
     documents = [d for d in yaml.safe_load_all(open(arguments.rendered)) if d]
@@ -169,66 +203,86 @@ def main():
     print(f"  {len(links)} service-link variables for {len(services)} Services and `kubernetes`, "
           f"{len(prefixed)} with the BESEDA_ prefix (e.g. {', '.join(prefixed[:3])})")
 
-    workloads = [w for kind in ("Deployment", "StatefulSet") for w in by_kind.get(kind, {}).values()]
-    failures = 0
+    workloads = [w for kind in ("StatefulSet", "Deployment") for w in by_kind.get(kind, {}).values()]
+    pods = [Pod(workload, name, container_environment(workload, name, by_kind))
+            for workload in workloads for name in pod_names(workload)]
+    addresses = loopback_addresses(pods, services, arguments.namespace)
     run_id = f"{os.getpid()}_{int(time.time())}"
+    failures = 0
     with tempfile.TemporaryDirectory() as work:
-        for workload in workloads:
-            pod, env = container_environment(workload, by_kind)
-            http_port, grpc_port = free_port(), free_port()
-            data_dir = os.path.join(work, pod)
+        for pod in pods:
+            data_dir = os.path.join(work, pod.name)
             os.makedirs(data_dir)
+            # What names hosts of the cluster network becomes this machine's; nothing else changes.
             machine = {
-                "BESEDA_LISTEN": f"127.0.0.1:{http_port}",
-                "BESEDA_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
+                "BESEDA_LISTEN": f"127.0.0.1:{pod.ports[HTTP_PORT]}",
+                "BESEDA_GRPC_LISTEN": f"127.0.0.1:{pod.ports[GRPC_PORT]}",
                 "BESEDA_DATA_DIR": data_dir,
                 "BESEDA_REDIS_CHANNEL_PREFIX": f"podenv_{run_id}",
             }
-            if "BESEDA_POSTGRES_URL" in env:
+            if "BESEDA_POSTGRES_URL" in pod.env:
                 machine["BESEDA_POSTGRES_URL"] = arguments.postgres_url
                 machine["BESEDA_POSTGRES_SCHEMA"] = f"podenv_{run_id}"
-            if "BESEDA_REDIS_URL" in env:
+            if "BESEDA_REDIS_URL" in pod.env:
                 machine["BESEDA_REDIS_URL"] = arguments.redis_url
-            process_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": pod,
-                           **links, **env, **machine}
-            log_path = os.path.join(work, f"{pod}.log")
-            process = start(arguments.binary, process_env, log_path)
-            deadline = time.monotonic() + START_TIMEOUT_SECONDS
-            started = False
-            while time.monotonic() < deadline and process.poll() is None:
-                if live(http_port):
-                    started = True
-                    break
-                time.sleep(0.2)
-            # Still running a moment later: it did not answer and then exit on a late check.
-            time.sleep(0.5)
-            started = started and process.poll() is None
-            stop(process)
-            role = env.get("BESEDA_ROLES", "?")
-            if started:
-                print(f"  ok    {pod} ({role}) started with {len(process_env)} variables and answered /rs/live")
-            else:
-                failures += 1
-                print(f"  FAIL  {pod} ({role}) did not start (exit {process.returncode}); its output:")
-                print("".join("        " + line for line in open(log_path).readlines()[-20:]))
+            env = dict(pod.env)
+            for name, value in env.items():
+                for host, address in addresses.items():
+                    value = value.replace(host, address)
+                env[name] = value
+            pod.process_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": pod.name,
+                               **links, **env, **machine}
+            pod.log_path = os.path.join(work, f"{pod.name}.log")
 
-            if workload is workloads[0]:
-                # The control: a misspelt setting in the same environment is still refused.
-                control_env = {**process_env, "BESEDA_LISTN": "0.0.0.0:8087"}
-                control = start(arguments.binary, control_env, log_path + ".control")
-                try:
-                    control.wait(timeout=START_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    pass
-                refused = control.returncode not in (None, 0) and "BESEDA_LISTN" in open(log_path + ".control").read()
-                stop(control)
-                if refused:
-                    print("  ok    control: the same environment plus BESEDA_LISTN is refused, naming it")
+        # The control: the first pod's environment plus a misspelt setting is refused, naming it.
+        control_log = os.path.join(work, "control.log")
+        control = start(arguments.binary, {**pods[0].process_env, "BESEDA_LISTN": "0.0.0.0:8087"}, control_log)
+        try:
+            control.wait(timeout=START_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        refused = control.returncode not in (None, 0) and "BESEDA_LISTN" in open(control_log).read()
+        stop(control)
+        if refused:
+            print("  ok    control: the same environment plus BESEDA_LISTN is refused, naming it")
+        else:
+            failures += 1
+            print("  FAIL  control: a misspelt BESEDA_LISTN was not refused")
+
+        # Every pod at once, as a rollout starts them; the voters elect a leader among themselves.
+        for pod in pods:
+            pod.process = start(arguments.binary, pod.process_env, pod.log_path)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            waiting = list(pods)
+            while waiting and time.monotonic() < deadline:
+                waiting = [pod for pod in waiting if pod.process.poll() is None and not live(pod.ports[HTTP_PORT], "live")]
+                time.sleep(0.2)
+            gateways = [pod for pod in pods if pod.component == "gateway"]
+            while time.monotonic() < deadline and not all(live(p.ports[HTTP_PORT], "health") for p in gateways):
+                time.sleep(0.5)
+            for pod in pods:
+                role = pod.env.get("BESEDA_ROLES", "?")
+                running = pod.process.poll() is None
+                endpoint = "health" if pod.component == "gateway" else "live"
+                if running and live(pod.ports[HTTP_PORT], endpoint):
+                    print(f"  ok    {pod.name} ({role}) started with {len(pod.process_env)} variables and "
+                          f"answers /rs/{endpoint}")
                 else:
                     failures += 1
-                    print("  FAIL  control: a misspelt BESEDA_LISTN was not refused")
+                    print(f"  FAIL  {pod.name} ({role}) {'runs but does not answer /rs/' + endpoint if running else 'exited'}"
+                          f"; its output:")
+                    print("".join("        " + line for line in open(pod.log_path).readlines()[-15:]))
+        finally:
+            for pod in pods:
+                stop(pod.process)
+            # Leave nothing behind in the shared database.
+            subprocess.run(["psql", arguments.postgres_url, "-q", "-c",
+                            f"DROP SCHEMA IF EXISTS podenv_{run_id} CASCADE"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if failures:
         sys.exit(f"{failures} pod environment check(s) failed")
+    print(f"  the chart's {len(pods)} pods ran together as one cluster, the gateway healthy")
 
 
 if __name__ == "__main__":

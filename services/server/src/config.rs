@@ -12,10 +12,15 @@ use serde::Deserialize;
 
 use crate::roles::{Role, Roles};
 
+/// The pod's name in Kubernetes: the kubelet sets `HOSTNAME` to it (and the
+/// kernel's host name too); the environment comes first so that a voter
+/// started outside a pod (CI's pod-environment check, a script) can be given
+/// one without a UTS namespace.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .or_else(|_| std::env::var("HOSTNAME"))
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|name| name.trim().to_owned()))
         .unwrap_or_default()
 }
 
