@@ -23,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Exact paths win over the prefix above: timestamps get our own type,
+        // whose JSON ends in `Z` as proto3 requires (src/timestamp.rs).
+        .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_fds(descriptors)?;

@@ -9,6 +9,12 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/beseda.v1.serde.rs"));
 }
 
+mod timestamp;
+
+/// Every `google.protobuf.Timestamp` field of the generated types is this
+/// type (see `build.rs`): the same binary encoding, canonical JSON text.
+pub use timestamp::Timestamp;
+
 /// The encoded `FileDescriptorSet` of every Beseda proto, used to publish the
 /// OpenAPI document's schemas from the same source as the code.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/beseda_descriptor.bin"));

@@ -14,7 +14,10 @@ fn main() {
         .map(|commit| commit.trim().to_owned())
         .filter(|commit| !commit.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=BESEDA_GIT_COMMIT={commit}");
+    // Not under the BESEDA_ prefix: `cargo run` and `cargo test` also put
+    // this variable into the environment of what they start, and the server
+    // refuses unknown BESEDA_* settings.
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     // A new commit moves HEAD or the branch it points at.
     let git_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.git");
     for watched in ["HEAD", "refs/heads"] {

@@ -10,8 +10,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod redis;
 pub mod metric_families;
+pub mod redis;
 
 use std::sync::{Arc, LazyLock};
 

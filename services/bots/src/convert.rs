@@ -41,6 +41,7 @@ pub fn integration_to_wire(integration: &Integration, public_url: &str) -> wire:
         connection_point_url: connection_point_url(public_url, &integration.connection_token),
         signing_secret: integration.signing_secret.clone().unwrap_or_default(),
         created_at: Some(timestamp(integration.created_at)),
+        strict_status_codes: integration.strict_status_codes,
     }
 }
 

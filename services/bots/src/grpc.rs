@@ -41,7 +41,7 @@ pub(crate) fn validate_bot_type(bot_type: &str, field: &str) -> Result<()> {
     if bot_type.trim().is_empty() {
         return Err(Error::field_required(field));
     }
-    if bot_type.chars().count() > MAX_NAME_CHARS {
+    if rules::char_count(bot_type) > MAX_NAME_CHARS {
         return Err(Error::invalid(field, format!("at most {MAX_NAME_CHARS} characters")));
     }
     Ok(())
@@ -52,10 +52,10 @@ fn validate_parameters(parameters: &BTreeMap<String, String>, field: &str) -> Re
         return Err(Error::invalid(field, format!("at most {MAX_PARAMETERS} parameters")));
     }
     for (name, value) in parameters {
-        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        if name.is_empty() || rules::char_count(name) > MAX_NAME_CHARS {
             return Err(Error::invalid(field, format!("parameter names have 1 to {MAX_NAME_CHARS} characters")));
         }
-        if value.chars().count() > MAX_PARAMETER_VALUE_CHARS {
+        if rules::char_count(value) > MAX_PARAMETER_VALUE_CHARS {
             return Err(Error::invalid(
                 field,
                 format!("parameter `{name}` is longer than {MAX_PARAMETER_VALUE_CHARS} characters"),
@@ -173,7 +173,7 @@ impl BotsService {
         if subscription.url.is_empty() {
             return Err(Error::field_required("subscription.url"));
         }
-        if subscription.url.len() > MAX_URL_CHARS {
+        if rules::char_count(&subscription.url) > MAX_URL_CHARS {
             return Err(Error::invalid("subscription.url", format!("at most {MAX_URL_CHARS} characters")));
         }
         let url = reqwest::Url::parse(&subscription.url)
@@ -358,6 +358,7 @@ impl Bots for BotsService {
                 signing_secret: Some(source.signing_secret.clone()).filter(|secret| !secret.is_empty()),
                 own_user_id: None,
                 created_at: now_micros(),
+                strict_status_codes: source.strict_status_codes,
             };
             self.store.insert_integration(&caller.application_id, &integration).await?;
             Ok(integration_to_wire(&integration, &self.config.public_url))
@@ -385,7 +386,15 @@ impl Bots for BotsService {
             let mask = &request.update_mask;
             check_mask(
                 mask,
-                &["key", "use", "externalSystemParameters", "presentation", "memberIds", "signingSecret"],
+                &[
+                    "key",
+                    "use",
+                    "externalSystemParameters",
+                    "presentation",
+                    "memberIds",
+                    "signingSecret",
+                    "strictStatusCodes",
+                ],
             )?;
             let mut integration = self.existing_integration(&caller.application_id, &request.integration_id).await?;
             if masked(mask, "key") {
@@ -414,6 +423,9 @@ impl Bots for BotsService {
             }
             if masked(mask, "signingSecret") {
                 integration.signing_secret = Some(source.signing_secret.clone()).filter(|secret| !secret.is_empty());
+            }
+            if masked(mask, "strictStatusCodes") {
+                integration.strict_status_codes = source.strict_status_codes;
             }
             self.store.update_integration(&caller.application_id, &integration).await?;
             Ok(integration_to_wire(&integration, &self.config.public_url))

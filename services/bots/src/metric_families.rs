@@ -24,11 +24,7 @@ pub fn register() {
     }
     describe_gauge!("beseda_bot_processing_connections", "open bot processing connections");
     gauge!("beseda_bot_processing_connections").increment(0.0);
-    describe_histogram!(
-        "beseda_outbound_delivery_seconds",
-        Unit::Seconds,
-        "duration of one outbound delivery request"
-    );
+    describe_histogram!("beseda_outbound_delivery_seconds", Unit::Seconds, "duration of one outbound delivery request");
     let _registered = histogram!("beseda_outbound_delivery_seconds");
     describe_counter!("beseda_webhook_requests_total", "webhook requests received, per HTTP status answered");
     for status in WEBHOOK_STATUSES {

@@ -53,6 +53,9 @@ pub struct Integration {
     /// requests without `extUserId`.
     pub own_user_id: Option<String>,
     pub created_at: Micros,
+    /// Webhooks answer only the 1C contract's statuses (200, 404, 409, 500):
+    /// Beseda's 400, 401 and 413 become 500 with the same text.
+    pub strict_status_codes: bool,
 }
 
 /// Where an application's events are POSTed.

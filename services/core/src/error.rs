@@ -121,6 +121,8 @@ error_codes! {
     HelloRequired = "hello_required", FailedPrecondition, "Send a Hello frame (protocol version and user token) as the first frame of the connection.";
     TooManyAttempts = "too_many_attempts", ResourceExhausted, "Too many wrong codes, or too many code e-mails, for this address; wait for the time the message names.";
     SlowConsumer = "slow_consumer", ResourceExhausted, "The client read too slowly and its queue overflowed; reconnect and resume from the last seq.";
+    TooManyConnections = "too_many_connections", ResourceExhausted, "The user has as many WebSocket connections to this gateway as it allows; close one (or reuse it) before opening another.";
+    FrameTooLarge = "frame_too_large", InvalidArgument, "A WebSocket frame or message is over 128 KB; send large data in binary frames or over REST.";
     Unavailable = "unavailable", Unavailable, "A backing service is unavailable; retry with backoff (sends with clientMessageId are safe to retry).";
     Internal = "internal", Internal, "An unexpected server error; retry, and report it with the request id if it persists.";
 }

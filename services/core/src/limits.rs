@@ -2,7 +2,9 @@
 //! 1C:Enterprise documentation (see ../shared/spec/SEED-DIGEST.md) and are
 //! enforced by the server, never only by clients.
 
-/// Message text, in Unicode scalar values (what 1C calls characters).
+/// Message text. Every "characters" limit here counts UTF-16 code units, as
+/// 1C does (its strings are UTF-16; an emoji is two characters): see
+/// `rules::char_count`.
 pub const MAX_TEXT_CHARS: usize = 4_000;
 /// Serialized message data.
 pub const MAX_DATA_BYTES: usize = 100 * 1024;

@@ -18,8 +18,27 @@ pub fn page_size(requested: u32) -> Result<u32> {
     }
 }
 
+/// The length of a text as 1C counts it: 1C strings are UTF-16, so
+/// "characters" are UTF-16 code units and a character outside the Basic
+/// Multilingual Plane (most emoji) counts as two, as in the emoticon table of
+/// §29.4.4.3 (`Символ(55357) + Символ(56898)`). Every text limit of
+/// `limits.rs` is in these units, so a text 1C accepts is accepted here and
+/// the other way round.
 pub fn char_count(text: &str) -> usize {
-    text.chars().count()
+    text.encode_utf16().count()
+}
+
+/// The longest prefix of `text` of at most `max_chars` characters as
+/// [`char_count`] counts them, never splitting a character.
+pub fn truncate_chars(text: &str, max_chars: usize) -> &str {
+    let mut units = 0;
+    for (index, character) in text.char_indices() {
+        units += character.len_utf16();
+        if units > max_chars {
+            return &text[..index];
+        }
+    }
+    text
 }
 
 /// A required short text such as a name or a title.
@@ -204,6 +223,41 @@ mod tests {
         let error = message_content(&over, TextFormat::Plain, None).unwrap_err();
         assert_eq!(error.code, ErrorCode::TextTooLong);
         assert_eq!(error.field.as_deref(), Some("text"));
+    }
+
+    #[test]
+    fn emoji_count_as_two_characters_like_utf16_in_1c() {
+        // U+1F642 is Символ(55357) + Символ(56898) in 1C: two characters.
+        assert_eq!(char_count("🙂"), 2);
+        assert_eq!(char_count("ж"), 1);
+        let at_limit = "🙂".repeat(MAX_TEXT_CHARS / 2);
+        assert!(message_content(&at_limit, TextFormat::Plain, None).is_ok());
+        let error = message_content(&format!("{at_limit}a"), TextFormat::Plain, None).unwrap_err();
+        assert_eq!(error.code, ErrorCode::TextTooLong);
+        assert_eq!(error.message, "text has 4001 characters; at most 4000 are allowed");
+        // 3,999 Cyrillic letters and one emoji: 4,001 characters, although
+        // only 4,000 Unicode scalar values.
+        let mixed = format!("{}🙂", "ж".repeat(MAX_TEXT_CHARS - 1));
+        assert_eq!(message_content(&mixed, TextFormat::Plain, None).unwrap_err().code, ErrorCode::TextTooLong);
+    }
+
+    #[test]
+    fn names_and_button_texts_count_emoji_as_two() {
+        let name_at_limit = "🎉".repeat(MAX_NAME_CHARS / 2);
+        assert!(bounded_text("name", &name_at_limit, MAX_NAME_CHARS).is_ok());
+        let over = format!("{name_at_limit}я");
+        assert_eq!(bounded_text("name", &over, MAX_NAME_CHARS).unwrap_err().field.as_deref(), Some("name"));
+        let mut long_caption = button(ButtonAction::SendMessage);
+        long_caption.text = over;
+        let panel = ButtonPanel { rows: vec![vec![long_caption]] };
+        assert_eq!(button_panel(&panel, false).unwrap_err().code, ErrorCode::InvalidButton);
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate_chars("ab🙂c", 3), "ab");
+        assert_eq!(truncate_chars("ab🙂c", 4), "ab🙂");
+        assert_eq!(truncate_chars("жж", 5), "жж");
     }
 
     #[test]

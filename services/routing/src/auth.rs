@@ -41,8 +41,66 @@ struct IssuerOnly {
     iss: Option<String>,
 }
 
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const TOKEN_LEEWAY_SECONDS: u64 = 30;
+
 fn token_invalid(message: impl Into<String>) -> Error {
     Error::new(ErrorCode::TokenInvalid, message)
+}
+
+#[derive(Deserialize)]
+struct AlgorithmOnly {
+    alg: Option<serde_json::Value>,
+}
+
+/// Refuses any algorithm but HS256 before the JWT library reads the header:
+/// its own message for `none` or `RS256` lists algorithms this server
+/// refuses anyway.
+fn require_hs256(token: &str) -> Result<()> {
+    let header = token.split('.').next().unwrap_or_default();
+    let algorithm = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<AlgorithmOnly>(&bytes).ok())
+        .ok_or_else(|| token_invalid("the user token's header is not base64url JSON"))?
+        .alg;
+    match algorithm {
+        Some(serde_json::Value::String(alg)) if alg == "HS256" => Ok(()),
+        _ => Err(token_invalid("the user token's `alg` must be HS256; only HS256 is accepted")),
+    }
+}
+
+/// The typed error for a failed verification. The library's own text is
+/// never echoed: it names internals (serde variants, algorithm lists).
+fn token_error(kind: &jsonwebtoken::errors::ErrorKind) -> Error {
+    use jsonwebtoken::errors::ErrorKind;
+    match kind {
+        ErrorKind::ExpiredSignature => Error::new(ErrorCode::TokenExpired, "the user token has expired"),
+        ErrorKind::ImmatureSignature => token_invalid(format!(
+            "the user token is not valid yet: its `nbf` is more than {TOKEN_LEEWAY_SECONDS} seconds in the future; \
+             check the application server's clock"
+        ))
+        .with_field("nbf"),
+        ErrorKind::InvalidSignature => {
+            token_invalid("the user token's signature does not verify with the application's key")
+        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+            token_invalid("the user token's `alg` must be HS256; only HS256 is accepted")
+        }
+        ErrorKind::InvalidAudience => {
+            token_invalid(format!("the user token's `aud` must be \"{TOKEN_AUDIENCE}\"")).with_field("aud")
+        }
+        ErrorKind::InvalidIssuer => token_invalid("the user token's `iss` is not the application id").with_field("iss"),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            // One of the claims this module lists as required, not client text.
+            token_invalid(format!("the user token has no `{claim}` claim")).with_field(claim.clone())
+        }
+        ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => token_invalid(
+            "the user token's claims are malformed: `iss`, `aud`, `sub`, `name` and `fullName` are strings, \
+             `iat`, `exp` and `nbf` numbers of seconds, and `name` is required",
+        ),
+        _ => token_invalid("the user token is not a well-formed JWT (header.payload.signature, base64url)"),
+    }
 }
 
 /// Reads `iss` without verifying, only to pick the key that must verify it.
@@ -120,47 +178,50 @@ impl RoutingService {
     }
 
     /// Verifies a user token; creates the regular user at first
-    /// authentication and refreshes their names at each one.
-    pub async fn authenticate_user_token(&self, token: &str) -> Result<(Caller, User)> {
+    /// authentication and refreshes their names at each one. Also returns
+    /// the token's `exp` (seconds since the epoch): a WebSocket connection
+    /// authenticated by it ends then.
+    pub async fn authenticate_user_token(&self, token: &str) -> Result<(Caller, User, i64)> {
         let application_id = unverified_issuer(token)?;
+        require_hs256(token)?;
         let application = self.registered_application(&application_id).await?;
         let key = application.key.as_deref().unwrap_or_default();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[TOKEN_AUDIENCE]);
         validation.set_issuer(&[application_id.as_str()]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        validation.leeway = 30;
+        validation.validate_nbf = true;
+        validation.leeway = TOKEN_LEEWAY_SECONDS;
         let claims =
             jsonwebtoken::decode::<UserTokenClaims>(token, &DecodingKey::from_secret(key.as_bytes()), &validation)
-                .map_err(|error| match error.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                        Error::new(ErrorCode::TokenExpired, "the user token has expired")
-                    }
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                        token_invalid("the user token's signature does not verify with the application's key")
-                    }
-                    _ => token_invalid(format!("the user token is invalid: {error}")),
-                })?
+                .map_err(|error| token_error(error.kind()))?
                 .claims;
         let now_seconds = beseda_core::model::now_micros() / 1_000_000;
         if claims.iat > now_seconds + 60 {
             return Err(token_invalid(
                 "the user token was issued in the future (iat); check the application server's clock",
-            ));
+            )
+            .with_field("iat"));
         }
         if claims.exp.saturating_sub(claims.iat) > MAX_USER_TOKEN_LIFETIME_SECONDS {
             return Err(token_invalid(
                 "the user token lives longer than 24 hours (exp - iat); issue short-lived tokens",
-            ));
+            )
+            .with_field("exp"));
         }
         if claims.sub.trim().is_empty() {
-            return Err(token_invalid("the user token's `sub` (infobase user id) is empty"));
+            return Err(token_invalid("the user token's `sub` (infobase user id) is empty").with_field("sub"));
         }
         if claims.name.trim().is_empty() {
-            return Err(token_invalid("the user token's `name` claim is empty"));
+            return Err(token_invalid("the user token's `name` claim is empty").with_field("name"));
         }
-        rules::bounded_text("name", &claims.name, beseda_core::limits::MAX_NAME_CHARS)?;
-        rules::bounded_text("fullName", &claims.full_name, beseda_core::limits::MAX_NAME_CHARS)?;
+        // A claim over a limit is the token's fault (401), not a request
+        // value's (400): the client cannot fix it, the token's issuer must.
+        for (claim, value) in [("name", &claims.name), ("fullName", &claims.full_name)] {
+            rules::bounded_text(claim, value, beseda_core::limits::MAX_NAME_CHARS).map_err(|error| {
+                token_invalid(format!("the user token's claim {}", error.message)).with_field(claim)
+            })?;
+        }
         let user = self.refresh_or_create_regular_user(&application.id, &claims).await?;
         if user.blocked {
             return Err(Error::new(
@@ -169,7 +230,7 @@ impl RoutingService {
             ));
         }
         let caller = Caller { application_id: application.id, user_id: Some(user.id.clone()), privileged: false };
-        Ok((caller, user))
+        Ok((caller, user, claims.exp))
     }
 
     async fn refresh_or_create_regular_user(&self, application_id: &str, claims: &UserTokenClaims) -> Result<User> {

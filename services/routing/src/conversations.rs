@@ -449,7 +449,8 @@ impl RoutingService {
             ));
         }
         self.members_for_change(caller, grant_user_ids, "grantUserIds").await?;
-        self.store
+        let revoked = self
+            .store
             .set_context_access(
                 &caller.application_id,
                 &conversation.id,
@@ -457,7 +458,13 @@ impl RoutingService {
                 revoke_user_ids,
                 all_application_users,
             )
-            .await
+            .await?;
+        if let Some(event) = revoked {
+            // In seq order with the messages: gateways end the subscriptions
+            // of users who lost access before delivering anything after it.
+            self.publish_conversation_event(&caller.application_id, &event).await;
+        }
+        Ok(())
     }
 
     /// Unread count of the acting user per conversation, for list answers.

@@ -4,8 +4,8 @@
 
 use beseda_core::model::{self as domain, Micros};
 use beseda_core::{Error, Result};
+use beseda_proto::Timestamp;
 use beseda_proto::v1 as wire;
-use pbjson_types::Timestamp;
 
 pub fn timestamp(micros: Micros) -> Timestamp {
     Timestamp { seconds: micros.div_euclid(1_000_000), nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32 }
@@ -132,16 +132,12 @@ fn button_from_wire(button: &wire::Button) -> Result<domain::Button> {
         Err(_) => return Err(Error::invalid("kind", format!("unknown button kind {}", button.kind))),
     };
     let action = match wire::ButtonAction::try_from(button.action) {
-        Ok(wire::ButtonAction::Unspecified) => {
-            return Err(
-                Error::new(beseda_core::ErrorCode::InvalidButton, "a button needs an action").with_field("action")
-            );
-        }
+        // A button added with its caption only sends that caption (§29.4.4.3.2).
+        Ok(wire::ButtonAction::Unspecified | wire::ButtonAction::SendMessage) => domain::ButtonAction::SendMessage,
         Ok(wire::ButtonAction::RequestLocation) => domain::ButtonAction::RequestLocation,
         Ok(wire::ButtonAction::RequestPhone) => domain::ButtonAction::RequestPhone,
         Ok(wire::ButtonAction::ProcessByBot) => domain::ButtonAction::ProcessByBot,
         Ok(wire::ButtonAction::ProcessOnClient) => domain::ButtonAction::ProcessOnClient,
-        Ok(wire::ButtonAction::SendMessage) => domain::ButtonAction::SendMessage,
         Ok(wire::ButtonAction::SendMessageWithData) => domain::ButtonAction::SendMessageWithData,
         Ok(wire::ButtonAction::FollowNavigationLink) => domain::ButtonAction::FollowNavigationLink,
         Err(_) => return Err(Error::invalid("action", format!("unknown button action {}", button.action))),
@@ -152,7 +148,8 @@ fn button_from_wire(button: &wire::Button) -> Result<domain::Button> {
         message_text: button.message_text.clone(),
         data: button.data.clone(),
         action,
-        enabled: button.enabled,
+        // Buttons are enabled unless disabled explicitly, as in 1C.
+        enabled: button.enabled.unwrap_or(true),
         action_name: button.action_name.clone(),
         picture: button.picture.clone(),
         navigation_link: button.navigation_link.clone(),
@@ -179,7 +176,8 @@ pub fn button_to_wire(button: &domain::Button) -> wire::Button {
         message_text: button.message_text.clone(),
         data: button.data.clone(),
         action: action as i32,
-        enabled: button.enabled,
+        // Always written, so that readers never depend on the default.
+        enabled: Some(button.enabled),
         action_name: button.action_name.clone(),
         picture: button.picture.clone(),
         navigation_link: button.navigation_link.clone(),
@@ -270,11 +268,52 @@ mod tests {
     }
 
     #[test]
-    fn a_button_without_action_names_its_position() {
-        let panel = wire::ButtonPanel {
-            rows: vec![wire::ButtonRow { buttons: vec![wire::Button { text: "Yes".into(), ..Default::default() }] }],
-        };
+    fn an_unknown_button_action_names_its_position() {
+        let button = wire::Button { text: "Yes".into(), action: 99, ..Default::default() };
+        let panel = wire::ButtonPanel { rows: vec![wire::ButtonRow { buttons: vec![button] }] };
         let error = button_panel_from_wire(Some(&panel)).unwrap_err();
         assert_eq!(error.field.as_deref(), Some("buttons.rows[0].buttons[0].action"));
+    }
+
+    /// Decodes a panel from the binary encoding, as a WebSocket binary frame
+    /// or an internal gRPC call carries it.
+    fn panel_through_protobuf(buttons: Vec<wire::Button>) -> domain::ButtonPanel {
+        use prost::Message as _;
+        let bytes = wire::ButtonPanel { rows: vec![wire::ButtonRow { buttons }] }.encode_to_vec();
+        let decoded = wire::ButtonPanel::decode(bytes.as_slice()).unwrap();
+        button_panel_from_wire(Some(&decoded)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_caption_only_button_is_an_enabled_send_message_button_in_protobuf() {
+        let panel =
+            panel_through_protobuf(vec![wire::Button { text: "Кнопка 1 1".into(), ..Default::default() }]);
+        let button = &panel.rows[0][0];
+        assert_eq!(button.action, domain::ButtonAction::SendMessage);
+        assert_eq!(button.kind, domain::ButtonKind::Button);
+        assert!(button.enabled);
+    }
+
+    #[test]
+    fn an_explicitly_disabled_button_stays_disabled_in_protobuf() {
+        let panel = panel_through_protobuf(vec![wire::Button {
+            text: "Later".into(),
+            enabled: Some(false),
+            ..Default::default()
+        }]);
+        assert!(!panel.rows[0][0].enabled);
+        let written = button_to_wire(&panel.rows[0][0]);
+        assert_eq!(written.enabled, Some(false), "answers always carry enabled");
+    }
+
+    #[test]
+    fn a_caption_only_button_is_an_enabled_send_message_button_in_json() {
+        let decoded: wire::ButtonPanel =
+            serde_json::from_str(r#"{"rows": [{"buttons": [{"text": "Да"}, {"text": "Нет", "enabled": false}]}]}"#)
+                .unwrap();
+        let panel = button_panel_from_wire(Some(&decoded)).unwrap().unwrap();
+        assert_eq!(panel.rows[0][0].action, domain::ButtonAction::SendMessage);
+        assert!(panel.rows[0][0].enabled);
+        assert!(!panel.rows[0][1].enabled);
     }
 }

@@ -120,22 +120,24 @@ impl Routing for RoutingService {
     async fn authenticate(&self, request: Request<wire::AuthenticateRequest>) -> Reply<wire::Authenticated> {
         use wire::authenticate_request::Credentials;
         let result = match request.into_inner().credentials {
-            Some(Credentials::UserToken(token)) => {
-                self.authenticate_user_token(&token).await.map(|(caller, user)| (caller, Some(user)))
-            }
-            Some(Credentials::Application(credentials)) => {
-                self.authenticate_application(
+            Some(Credentials::UserToken(token)) => self
+                .authenticate_user_token(&token)
+                .await
+                .map(|(caller, user, expires_at)| (caller, Some(user), Some(expires_at))),
+            Some(Credentials::Application(credentials)) => self
+                .authenticate_application(
                     &credentials.application_id,
                     &credentials.application_key,
                     non_empty(&credentials.act_as_user_id).as_deref(),
                 )
                 .await
-            }
+                .map(|(caller, user)| (caller, user, None)),
             None => Err(Error::new(ErrorCode::Unauthenticated, "no credentials were presented")),
         };
-        answer(result.map(|(caller, user)| wire::Authenticated {
+        answer(result.map(|(caller, user, expires_at)| wire::Authenticated {
             caller: Some(caller.to_wire()),
             user: user.as_ref().map(convert::user_to_wire),
+            token_expires_at: expires_at.map(|seconds| convert::timestamp(seconds.saturating_mul(1_000_000))),
         }))
     }
 
@@ -249,6 +251,32 @@ impl Routing for RoutingService {
         let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
         answer(
             self.set_subscriber_administrators(&caller, &email, &proof, &request.get_ref().user_ids)
+                .await
+                .map(|user_ids| wire::SubscriberAdministrators { credential: None, user_ids }),
+        )
+    }
+
+    async fn add_subscriber_administrator(
+        &self,
+        request: Request<wire::SubscriberAdministratorChange>,
+    ) -> Reply<wire::SubscriberAdministrators> {
+        let caller = caller_of(&request)?;
+        let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
+        answer(
+            self.set_subscriber_administrator(&caller, &email, &proof, &request.get_ref().user_id, true)
+                .await
+                .map(|user_ids| wire::SubscriberAdministrators { credential: None, user_ids }),
+        )
+    }
+
+    async fn remove_subscriber_administrator(
+        &self,
+        request: Request<wire::SubscriberAdministratorChange>,
+    ) -> Reply<wire::SubscriberAdministrators> {
+        let caller = caller_of(&request)?;
+        let (email, proof) = proof_from_wire(request.get_ref().credential.as_ref());
+        answer(
+            self.set_subscriber_administrator(&caller, &email, &proof, &request.get_ref().user_id, false)
                 .await
                 .map(|user_ids| wire::SubscriberAdministrators { credential: None, user_ids }),
         )
@@ -537,7 +565,7 @@ impl Routing for RoutingService {
         let result = async {
             let request = request.get_ref();
             let selector = selector(request.conversation.as_ref())?;
-            self.get_events(&caller, &selector, request.after_seq, request.limit).await
+            self.get_events(&caller, &selector, request.after_seq, request.limit, request.max_bytes).await
         };
         answer(result.await.map(|(events, more)| wire::EventList {
             events: events.iter().map(convert::event_to_wire).collect(),

@@ -59,6 +59,10 @@ pub struct RoutingService {
     config: Arc<RoutingConfig>,
     code_attempts: Arc<attempts::AttemptLimiter>,
     code_mails: Arc<attempts::AttemptLimiter>,
+    /// Temporary-code requests, apart from activation mails: a registration
+    /// mail counted here would make a subscriber's address reach the limit
+    /// sooner than an unknown one, which would tell who is a subscriber.
+    temporary_code_mails: Arc<attempts::AttemptLimiter>,
     /// Notified after every commit that writes to the outbox, so that the
     /// bots relay moves it on at once instead of at its next poll.
     outbox_signal: Arc<tokio::sync::Notify>,
@@ -79,7 +83,12 @@ impl RoutingService {
             code_mails: Arc::new(attempts::AttemptLimiter::new(
                 attempts::MAX_CODE_MAILS,
                 std::time::Duration::from_secs(3600),
-                "code e-mails were sent within an hour",
+                "code e-mails were requested within an hour",
+            )),
+            temporary_code_mails: Arc::new(attempts::AttemptLimiter::new(
+                attempts::MAX_CODE_MAILS,
+                std::time::Duration::from_secs(3600),
+                "temporary codes were requested within an hour",
             )),
             outbox_signal: Arc::new(tokio::sync::Notify::new()),
         }

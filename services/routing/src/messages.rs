@@ -1,7 +1,7 @@
 //! Messages (§29.3.3, §29.4.4.3): send with idempotency, edit, delete, read,
 //! list, the event log for resume, and who is notified of what (§29.3.4).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use beseda_core::limits::MAX_PAGE_SIZE;
 use beseda_core::model::{
@@ -215,6 +215,18 @@ impl RoutingService {
             deleted: false,
         };
         let notify_user_ids = self.notification_targets(caller, &conversation, &message).await?;
+        // Everything that can fail is read before the commit. Once the message
+        // is stored and published the send has happened: an error after that
+        // point would make the client retry, and the retry (deduplicated by
+        // clientMessageId) would find the message stored and skip the
+        // notifications. So who has "do not disturb" on is decided here, at
+        // the moment the message is decided, not after.
+        let silenced: HashSet<String> = self
+            .store
+            .silenced_users(&caller.application_id, &conversation.id, &notify_user_ids, now_micros())
+            .await?
+            .into_iter()
+            .collect();
         let outcome = self
             .store
             .append_message(&caller.application_id, &NewMessage { message, notify_user_ids })
@@ -225,14 +237,10 @@ impl RoutingService {
             return Ok(outcome.message);
         };
         metrics::counter!("beseda_messages_stored_total").increment(1);
+        // From here on nothing returns an error: publishing is best effort
+        // (clients catch up from the event log) and the answer is the stored
+        // message.
         self.publish_conversation_event(&caller.application_id, event).await;
-        let notified: Vec<String> = outcome.unread.iter().map(|unread| unread.user_id.clone()).collect();
-        let silenced: std::collections::HashSet<String> = self
-            .store
-            .silenced_users(&caller.application_id, &conversation.id, &notified, now_micros())
-            .await?
-            .into_iter()
-            .collect();
         for unread in &outcome.unread {
             let silent = silenced.contains(&unread.user_id);
             let preview: String = outcome.message.text.chars().take(200).collect();
@@ -371,6 +379,7 @@ impl RoutingService {
         selector: &ConversationSelector,
         after_seq: u64,
         limit: u32,
+        max_bytes: u32,
     ) -> Result<(Vec<ConversationEvent>, bool)> {
         let conversation = self.accessible_conversation_by(caller, selector).await?;
         let limit = match limit {
@@ -381,8 +390,24 @@ impl RoutingService {
                     .with_field("limit"));
             }
         };
-        let events = self.store.events_after(&caller.application_id, &conversation.id, after_seq, limit).await?;
-        let more = events.len() == limit as usize;
+        let (events, more) = match max_bytes {
+            0 => {
+                let events =
+                    self.store.events_after(&caller.application_id, &conversation.id, after_seq, limit).await?;
+                let more = events.len() == limit as usize;
+                (events, more)
+            }
+            max_bytes => {
+                let events = self
+                    .store
+                    .events_after_within(&caller.application_id, &conversation.id, after_seq, limit, max_bytes.into())
+                    .await?;
+                // A page cut by bytes is shorter than `limit`; the log's end
+                // as read above tells whether anything follows it.
+                let more = events.last().is_some_and(|last| last.seq < conversation.last_seq);
+                (events, more)
+            }
+        };
         Ok((events, more))
     }
 

@@ -288,14 +288,18 @@ impl RoutingService {
 
     /// E-mails a temporary administration code (24 h or first use). Answers
     /// the same whether or not the subscriber exists, so the call cannot be
-    /// used to find out which addresses are subscribers.
+    /// used to find out which addresses are subscribers: the e-mail limit is
+    /// checked and counted for the address before looking it up (and apart
+    /// from registration mails), so the sixth call within the hour is
+    /// refused for every address alike.
     pub async fn request_temporary_code(&self, subscriber_email: &str) -> Result<()> {
         let email = rules::normalize_email(subscriber_email)?;
+        self.temporary_code_mails.check(&email)?;
+        self.temporary_code_mails.record(&email);
         let Some(subscriber) = self.store.get_subscriber_by_email(&email).await? else {
             tracing::info!(email = %email, "temporary code requested for an unknown subscriber");
             return Ok(());
         };
-        self.code_mails.check(&subscriber.email)?;
         let code = new_code();
         self.store
             .put_temporary_code(&subscriber.id, &hash_secret(&code), now_micros() + TEMPORARY_CODE_TTL_MICROS)
@@ -304,7 +308,6 @@ impl RoutingService {
             "Your temporary Beseda administration code is:\n\n    {code}\n\nIt is valid for 24 hours or until first use. The administration key stays unchanged.\n"
         );
         self.mailer.send(&subscriber.email, "Beseda: temporary administration code", &body).await?;
-        self.code_mails.record(&subscriber.email);
         Ok(())
     }
 
@@ -391,6 +394,49 @@ impl RoutingService {
         proof: &SubscriberProof,
         user_ids: &[String],
     ) -> Result<Vec<String>> {
+        let application = self.administered_application(caller, email, proof).await?;
+        let users = self.store.get_users(&application.id, user_ids).await?;
+        if let Some(missing) = user_ids.iter().find(|id| !users.iter().any(|user| &user.id == *id)) {
+            return Err(crate::not_found(ErrorCode::UserNotFound, "user", missing).with_field("userIds"));
+        }
+        self.store.set_subscriber_administrators(&application.id, user_ids).await?;
+        self.subscriber_administrators(caller).await
+    }
+
+    /// Adds one user to the subscriber administrators (`administrator` true)
+    /// or removes them, with the same rights as
+    /// [`Self::set_subscriber_administrators`]; the others stay as they are.
+    pub async fn set_subscriber_administrator(
+        &self,
+        caller: &Caller,
+        email: &str,
+        proof: &SubscriberProof,
+        user_id: &str,
+        administrator: bool,
+    ) -> Result<Vec<String>> {
+        if user_id.is_empty() {
+            return Err(Error::invalid("userId", "`userId` is required: the user to add or remove"));
+        }
+        let application = self.administered_application(caller, email, proof).await?;
+        self.store.set_subscriber_administrator(&application.id, user_id, administrator).await.map_err(|error| {
+            match error.code {
+                ErrorCode::UserNotFound => {
+                    crate::not_found(ErrorCode::UserNotFound, "user", user_id).with_field("userId")
+                }
+                _ => error,
+            }
+        })?;
+        self.subscriber_administrators(caller).await
+    }
+
+    /// The calling application, once the caller has proved the right to
+    /// administer its subscriber.
+    async fn administered_application(
+        &self,
+        caller: &Caller,
+        email: &str,
+        proof: &SubscriberProof,
+    ) -> Result<Application> {
         let subscriber = self.verify_subscriber(Some(caller), email, proof).await?;
         let application = self.registered_application(&caller.application_id).await?;
         if application.subscriber_id != subscriber.id {
@@ -399,12 +445,7 @@ impl RoutingService {
                 "the application belongs to another subscriber",
             ));
         }
-        let users = self.store.get_users(&application.id, user_ids).await?;
-        if let Some(missing) = user_ids.iter().find(|id| !users.iter().any(|user| &user.id == *id)) {
-            return Err(crate::not_found(ErrorCode::UserNotFound, "user", missing).with_field("userIds"));
-        }
-        self.store.set_subscriber_administrators(&application.id, user_ids).await?;
-        self.subscriber_administrators(caller).await
+        Ok(application)
     }
 
     pub async fn subscriber_administrators(&self, caller: &Caller) -> Result<Vec<String>> {

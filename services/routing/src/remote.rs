@@ -76,6 +76,8 @@ impl Routing for RemoteRouting via RoutingClient {
     reissue_administration_key(wire::ReissueAdministrationKeyRequest) -> wire::Empty;
     get_subscriber_administrators(wire::GetSubscriberAdministratorsRequest) -> wire::SubscriberAdministrators;
     set_subscriber_administrators(wire::SubscriberAdministrators) -> wire::SubscriberAdministrators;
+    add_subscriber_administrator(wire::SubscriberAdministratorChange) -> wire::SubscriberAdministrators;
+    remove_subscriber_administrator(wire::SubscriberAdministratorChange) -> wire::SubscriberAdministrators;
     change_subscriber_email(wire::ChangeSubscriberEmailRequest) -> wire::Empty;
     create_user(wire::CreateUserRequest) -> wire::User;
     get_user(wire::GetUserRequest) -> wire::User;

@@ -218,6 +218,7 @@ pub async fn build(config: &NodeConfig) -> anyhow::Result<Node> {
             bus,
             registry: gateway_registry,
             config: Arc::new(config.gateway_config()),
+            user_connections: Default::default(),
             shutdown: shutdown.clone(),
         };
         router = beseda_sessions::router(gateway);
@@ -396,13 +397,16 @@ async fn run_with_listeners(
         _ => None,
     };
     let (drained_sender, drained) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let open_files = crate::http_server::raise_open_files_limit();
+    let mut limits = config.http_limits();
+    limits.max_connections = crate::http_server::effective_max_connections(limits.max_connections, open_files);
+    let server = crate::http_server::serve(listener, router, limits, async move {
         shutdown.await;
         tracing::info!("shutting down: asking clients to reconnect elsewhere");
         let _ = shutdown_sender.send(true);
         let _ = drained_sender.send(());
     });
-    let mut serving = tokio::spawn(async move { server.await });
+    let mut serving = tokio::spawn(server);
     tokio::select! {
         // The server stopped on its own (an accept error) before any shutdown.
         joined = &mut serving => return joined.context("server task failed")?.context("server failed"),

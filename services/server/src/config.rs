@@ -42,6 +42,14 @@ pub struct ServerSection {
     pub roles: Roles,
     /// Internal gRPC (routing, bots, registry) for the roles that serve it.
     pub grpc_listen: SocketAddr,
+    /// Seconds a client has to send a request's header (the first one from
+    /// the accept, later ones from their first byte).
+    pub header_read_timeout_seconds: u64,
+    /// Seconds an HTTP connection may wait idle between requests.
+    pub keep_alive_timeout_seconds: u64,
+    /// HTTP connections open at once (WebSocket ones included); more are
+    /// answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSection {
@@ -54,6 +62,9 @@ impl Default for ServerSection {
             shutdown_grace_seconds: 10,
             roles: Roles::default(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 9087)),
+            header_read_timeout_seconds: 10,
+            keep_alive_timeout_seconds: 60,
+            max_connections: 10_000,
         }
     }
 }
@@ -108,6 +119,9 @@ pub struct GatewaySection {
     pub idle_timeout_seconds: u64,
     pub hello_timeout_seconds: u64,
     pub send_queue_capacity: usize,
+    pub send_queue_bytes: usize,
+    /// WebSocket connections one user may have open on one gateway.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for GatewaySection {
@@ -117,6 +131,8 @@ impl Default for GatewaySection {
             idle_timeout_seconds: 60,
             hello_timeout_seconds: 10,
             send_queue_capacity: 1024,
+            send_queue_bytes: 8 * 1024 * 1024,
+            max_connections_per_user: 16,
         }
     }
 }
@@ -364,6 +380,11 @@ impl NodeConfig {
                 "PING_INTERVAL_SECONDS" => config.gateway.ping_interval_seconds = parse_env(name, value)?,
                 "IDLE_TIMEOUT_SECONDS" => config.gateway.idle_timeout_seconds = parse_env(name, value)?,
                 "SEND_QUEUE_CAPACITY" => config.gateway.send_queue_capacity = parse_env(name, value)?,
+                "SEND_QUEUE_BYTES" => config.gateway.send_queue_bytes = parse_env(name, value)?,
+                "MAX_CONNECTIONS_PER_USER" => config.gateway.max_connections_per_user = parse_env(name, value)?,
+                "HEADER_READ_TIMEOUT_SECONDS" => config.server.header_read_timeout_seconds = parse_env(name, value)?,
+                "KEEP_ALIVE_TIMEOUT_SECONDS" => config.server.keep_alive_timeout_seconds = parse_env(name, value)?,
+                "MAX_CONNECTIONS" => config.server.max_connections = parse_env(name, value)?,
                 "BOTS_LEASE_SECONDS" => config.bots.lease_seconds = parse_env(name, value)?,
                 "BOTS_ACK_TIMEOUT_SECONDS" => config.bots.ack_timeout_seconds = parse_env(name, value)?,
                 "BOTS_MAX_ATTEMPTS" => config.bots.max_attempts = parse_env(name, value)?,
@@ -424,6 +445,19 @@ impl NodeConfig {
         }
         if self.gateway.send_queue_capacity < 16 {
             bail!("gateway.send_queue_capacity must be at least 16");
+        }
+        if self.gateway.send_queue_bytes < 1024 * 1024 {
+            bail!("gateway.send_queue_bytes must be at least 1048576 (1 MiB)");
+        }
+        if self.gateway.max_connections_per_user == 0 {
+            bail!("gateway.max_connections_per_user must be at least 1");
+        }
+        let server = &self.server;
+        if server.header_read_timeout_seconds == 0 || server.keep_alive_timeout_seconds == 0 {
+            bail!("server.header_read_timeout_seconds and server.keep_alive_timeout_seconds must be at least 1");
+        }
+        if server.max_connections == 0 {
+            bail!("server.max_connections must be at least 1");
         }
         let bots = &self.bots;
         if bots.lease_seconds == 0 || bots.ack_timeout_seconds == 0 || bots.outbound_timeout_seconds == 0 {
@@ -547,6 +581,15 @@ impl NodeConfig {
         Ok(id)
     }
 
+    /// The HTTP listener's timeouts and cap, as configured.
+    pub fn http_limits(&self) -> crate::http_server::HttpLimits {
+        crate::http_server::HttpLimits {
+            header_read_timeout: Duration::from_secs(self.server.header_read_timeout_seconds),
+            keep_alive_timeout: Duration::from_secs(self.server.keep_alive_timeout_seconds),
+            max_connections: self.server.max_connections,
+        }
+    }
+
     pub fn public_url(&self) -> String {
         self.server.public_url.clone().unwrap_or_else(|| format!("http://{}", self.server.listen))
     }
@@ -607,6 +650,8 @@ impl NodeConfig {
             idle_timeout: Duration::from_secs(self.gateway.idle_timeout_seconds),
             hello_timeout: Duration::from_secs(self.gateway.hello_timeout_seconds),
             send_queue_capacity: self.gateway.send_queue_capacity,
+            send_queue_bytes: self.gateway.send_queue_bytes,
+            max_connections_per_user: self.gateway.max_connections_per_user,
             ..Default::default()
         }
     }

@@ -72,12 +72,17 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: RegistryCommand,
     },
-    /// Prints the newest e-mail to an address from the embedded outbox.
+    /// Prints the newest e-mail to an address from the embedded outbox, as
+    /// decoded text.
     Outbox {
         #[arg(long)]
         email: String,
         #[arg(long, default_value = "data/outbox")]
         outbox_dir: std::path::PathBuf,
+        /// Print only the code or key the mail carries (activation code,
+        /// temporary code or administration key), for scripts.
+        #[arg(long)]
+        code: bool,
     },
 }
 
@@ -176,16 +181,26 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<i32> {
         CtlCommand::Registry { endpoint, cluster_token, command } => {
             registry(endpoint, cluster_token.as_deref(), command).await
         }
-        CtlCommand::Outbox { email, outbox_dir } => match beseda_routing::mail::latest_outbox_body(outbox_dir, email) {
-            Some(body) => {
-                println!("{body}");
-                Ok(0)
-            }
-            None => {
+        CtlCommand::Outbox { email, outbox_dir, code } => {
+            let Some(body) = beseda_routing::mail::latest_outbox_body(outbox_dir, email) else {
                 eprintln!("no mail to {email} in {}", outbox_dir.display());
-                Ok(1)
+                return Ok(1);
+            };
+            if !*code {
+                print!("{body}");
+                return Ok(0);
             }
-        },
+            match beseda_routing::mail::secret_in(&body) {
+                Some(secret) => {
+                    println!("{secret}");
+                    Ok(0)
+                }
+                None => {
+                    eprintln!("the newest mail to {email} carries no code:\n{body}");
+                    Ok(1)
+                }
+            }
+        }
         CtlCommand::Call { operation, params, query, body } => {
             let Some(route) = routes().iter().find(|route| route.operation.eq_ignore_ascii_case(operation)) else {
                 bail!("unknown operation {operation:?}; `beseda ctl operations` lists them");

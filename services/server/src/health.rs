@@ -223,7 +223,7 @@ pub fn register_metrics(roles: &Roles, uses_redis_bus: bool) {
     metrics::gauge!(
         "beseda_build_info",
         "version" => beseda_routing::SERVER_VERSION,
-        "commit" => env!("BESEDA_GIT_COMMIT"),
+        "commit" => env!("BUILD_GIT_COMMIT"),
         "roles" => roles.to_string(),
     )
     .set(1.0);

@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod ctl;
 pub mod health;
+pub mod http_server;
 pub mod internal_grpc;
 pub mod roles;
 pub mod telemetry;

@@ -517,3 +517,71 @@ async fn one_processing_connection_per_application_holds_across_gateways_and_bot
     })
     .await;
 }
+
+/// The next push about the scene's conversation: an event or the end of the subscription.
+async fn next_about_conversation(client: &mut Client, conversation_id: &str) -> Value {
+    let id = conversation_id.to_owned();
+    client
+        .next_matching(move |push| {
+            let event = push.get("event").filter(|event| event["conversationId"] == id.as_str());
+            let ended = push.get("subscriptionEnded").filter(|ended| ended["conversationId"] == id.as_str());
+            event.or(ended).map(|_| push.clone())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_stops_receiving_on_every_gateway() {
+    with_cluster(|cluster| async move {
+        let scene = scene(&cluster).await;
+        let conversation = scene.conversation_id.clone();
+        // Bob on each gateway; Carol and Dave stay members and witness the
+        // messages after the removal on both gateways.
+        let mut alice = scene.connect(&cluster, 0, "a1", "Alice").await;
+        let mut bob_first = scene.connect(&cluster, 0, "b1", "Bob").await;
+        let mut bob_second = scene.connect(&cluster, 1, "b1", "Bob").await;
+        let mut carol = scene.connect(&cluster, 0, "c1", "Carol").await;
+        let mut dave = scene.connect(&cluster, 1, "d1", "Dave").await;
+        for client in [&mut alice, &mut bob_first, &mut bob_second, &mut carol, &mut dave] {
+            scene.subscribe(client, 0).await;
+        }
+        scene.send(&mut alice, "before").await;
+        for bob in [&mut bob_first, &mut bob_second] {
+            let before = next_about_conversation(bob, &conversation).await;
+            assert_eq!(before["event"]["messageCreated"]["text"], "before", "{before}");
+        }
+
+        cluster
+            .gateway(1)
+            .ok(
+                "PATCH",
+                &format!("/api/v1/conversations/{conversation}"),
+                &scene.application.privileged(),
+                Some(json!({"removeMemberIds": [scene.ids["Bob"]]})),
+            )
+            .await;
+        for text in ["after 1", "after 2"] {
+            scene.send(&mut alice, text).await;
+        }
+        for bob in [&mut bob_first, &mut bob_second] {
+            let change = next_about_conversation(bob, &conversation).await;
+            assert!(change["event"].get("conversationChanged").is_some(), "{change}");
+            let ended = next_about_conversation(bob, &conversation).await;
+            assert_eq!(ended["subscriptionEnded"]["reason"], "SUBSCRIPTION_END_REASON_REMOVED", "{ended}");
+            let last_seq: u64 = ended["subscriptionEnded"]["lastSeq"].as_str().unwrap().parse().unwrap();
+            assert_eq!(last_seq, seq_of(&change["event"]), "{ended}");
+        }
+        // Both gateways delivered everything after the removal to the members...
+        let (mut carol_seq, mut dave_seq) = (0, 0);
+        events_until(&mut carol, &mut carol_seq, "after 2").await;
+        events_until(&mut dave, &mut dave_seq, "after 2").await;
+        // ...and nothing of it to Bob.
+        for bob in [&mut bob_first, &mut bob_second] {
+            while let Some(frame) = bob.next_frame_within(Duration::from_millis(300)).await {
+                let about = frame.get("event").map(|event| &event["conversationId"]);
+                assert_ne!(about, Some(&json!(conversation)), "nothing after the removal: {frame}");
+            }
+        }
+    })
+    .await;
+}

@@ -321,7 +321,7 @@ async fn events_arrive_signed_with_the_documented_body() {
         assert_eq!(hit.json["applicationId"], application.id.as_str());
         assert_eq!(hit.json["attempt"], 1);
         let at = hit.event()["at"].as_str().unwrap_or_default();
-        assert!(at.starts_with("20") && (at.ends_with('Z') || at.ends_with("+00:00")), "RFC 3339 in UTC: {}", hit.json);
+        assert!(at.starts_with("20") && at.ends_with('Z'), "canonical RFC 3339 in UTC: {}", hit.json);
     }
     // The events themselves, in their REST form.
     assert_eq!(hits[0].event()["conversation"]["id"], conversation_id.as_str());

@@ -121,6 +121,16 @@ async fn limits_are_enforced_with_typed_errors() {
     server.ok("POST", &path, &alice, Some(json!({"text": at_limit}))).await;
     let error = server.fails("POST", &path, &alice, Some(json!({"text": "я".repeat(4001)})), "text_too_long").await;
     assert_eq!(error["field"], "text");
+    // 1C counts UTF-16 code units: an emoji is two characters, so 2,000 of
+    // them are the limit and one letter more is over it.
+    let emoji = "😀".repeat(2000);
+    server.ok("POST", &path, &alice, Some(json!({"text": emoji}))).await;
+    let error = server.fails("POST", &path, &alice, Some(json!({"text": format!("{emoji}я")})), "text_too_long").await;
+    assert_eq!(error["message"], "text has 4001 characters; at most 4000 are allowed");
+    let error = server
+        .fails("POST", &path, &alice, Some(json!({"text": format!("{}😀", "я".repeat(3999))})), "text_too_long")
+        .await;
+    assert_eq!(error["field"], "text");
 
     use base64::Engine;
     let encode = |size: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; size]);
@@ -321,7 +331,7 @@ async fn one_on_one_and_read_only_rules_hold() {
             Some(json!({"text": "release 2.0", "authorId": alice_id, "date": "2020-01-02T03:04:05Z"})),
         )
         .await;
-    assert_eq!(posted["date"], "2020-01-02T03:04:05+00:00");
+    assert_eq!(posted["date"], "2020-01-02T03:04:05Z", "canonical proto3 JSON: UTC with Z");
     assert_eq!(posted["authorId"], alice_id.as_str());
     // Setting the author or date needs privileged mode.
     let group_id = group(&server, &application, "Team", &[&alice_id, &bob_id]).await;
@@ -725,4 +735,77 @@ async fn membership_changes_count_each_member_once_and_respect_the_limit() {
     // An oversized addition is refused before anyone is looked up.
     let crowd: Vec<String> = (0..3000).map(|index| format!("user-{index}")).collect();
     server.fails("PATCH", &path, &app, Some(json!({"addMemberIds": crowd})), "too_many_members").await;
+}
+
+#[tokio::test]
+async fn a_button_panel_written_as_in_the_1c_documentation_works() {
+    let Team { server, application, alice, bob, bob_id, conversation_id, .. } = Team::start().await;
+    // §29.4.4.3.2: Ряд1.Добавить(, "Кнопка 1 1") — captions only, two rows of two.
+    let caption = |text: &str| json!({"text": text});
+    let panel = json!({"rows": [
+        {"buttons": [caption("Кнопка 1 1"), caption("Кнопка 1 2")]},
+        {"buttons": [caption("Кнопка 2 1"), caption("Кнопка 2 2")]},
+    ]});
+    let path = format!("/api/v1/conversations/{conversation_id}/messages");
+    let sent = server.ok("POST", &path, &alice, Some(json!({"text": "Текст сообщения", "buttons": panel}))).await;
+    let stored = &sent["buttons"]["rows"][1]["buttons"][0];
+    assert_eq!(stored["text"], "Кнопка 2 1", "{sent}");
+    assert_eq!(stored["action"], "BUTTON_ACTION_SEND_MESSAGE", "{sent}");
+    assert_eq!(stored["enabled"], true, "{sent}");
+    assert_eq!(stored["kind"], "BUTTON_KIND_BUTTON", "{sent}");
+
+    // Pressing one sends its caption as a message from whoever pressed it.
+    let message_id = sent["id"].as_str().unwrap();
+    let press = format!("/api/v1/messages/{message_id}/buttons/press");
+    let pressed = server.ok("POST", &press, &bob, Some(json!({"row": 1, "column": 0}))).await;
+    assert_eq!(pressed["sentMessage"]["text"], "Кнопка 2 1", "{pressed}");
+    assert_eq!(pressed["sentMessage"]["authorId"], bob_id.as_str());
+    let listed = server.ok("POST", &format!("{path}/search"), &alice, Some(json!({}))).await;
+    let texts: Vec<&str> = listed["messages"].as_array().unwrap().iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts.last(), Some(&"Кнопка 2 1"), "{listed}");
+
+    // The same panel over the WebSocket protocol (JSON frames).
+    let mut client = Client::connect(&server, &application.token("a1", "Alice")).await;
+    let sent = client
+        .request(json!({"sendMessage": {"conversation": {"id": conversation_id}, "text": "Да или нет?",
+            "buttons": {"rows": [{"buttons": [caption("Да"), {"text": "Нет", "enabled": false}]}]}}}))
+        .await;
+    let buttons = &sent["message"]["buttons"]["rows"][0]["buttons"];
+    assert_eq!(buttons[0]["enabled"], true, "{sent}");
+    assert_eq!(buttons[0]["action"], "BUTTON_ACTION_SEND_MESSAGE", "{sent}");
+    assert_eq!(buttons[1]["enabled"], false, "an explicit false is kept: {sent}");
+    let message_id = sent["message"]["id"].as_str().unwrap();
+    let press = format!("/api/v1/messages/{message_id}/buttons/press");
+    server.fails("POST", &press, &bob, Some(json!({"row": 0, "column": 1})), "button_disabled").await;
+    let pressed = server.ok("POST", &press, &bob, Some(json!({"row": 0, "column": 0}))).await;
+    assert_eq!(pressed["sentMessage"]["text"], "Да", "{pressed}");
+}
+
+#[tokio::test]
+async fn timestamps_are_canonical_rfc_3339_in_utc_and_any_offset_is_read() {
+    let Team { server, application, alice_id, conversation_id, .. } = Team::start().await;
+    let path = format!("/api/v1/conversations/{conversation_id}/messages");
+    // An offset on input is converted to UTC; fractions keep 3, 6 or 9 digits.
+    let posted = server
+        .ok(
+            "POST",
+            &path,
+            &application.privileged(),
+            Some(json!({"text": "dated", "authorId": alice_id, "date": "2020-01-02T06:04:05.120+03:00"})),
+        )
+        .await;
+    assert_eq!(posted["date"], "2020-01-02T03:04:05.120Z", "{posted}");
+    let fetched = server
+        .ok("GET", &format!("/api/v1/messages/{}", posted["id"].as_str().unwrap()), &application.privileged(), None)
+        .await;
+    assert_eq!(fetched["date"], "2020-01-02T03:04:05.120Z");
+    // Server-set times (microseconds) end in Z as well, in REST and WebSocket answers.
+    let conversation =
+        server.ok("GET", &format!("/api/v1/conversations/{conversation_id}"), &application.privileged(), None).await;
+    let created = conversation["createdAt"].as_str().unwrap();
+    assert!(created.ends_with('Z') && !created.contains("+00:00"), "{conversation}");
+    let mut client = Client::connect(&server, &application.token("a1", "Alice")).await;
+    let sent = client.request(json!({"sendMessage": {"conversation": {"id": conversation_id}, "text": "now"}})).await;
+    let date = sent["message"]["date"].as_str().unwrap();
+    assert!(date.ends_with('Z') && date.len() <= "2020-01-02T03:04:05.123456Z".len(), "{sent}");
 }

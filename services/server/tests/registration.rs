@@ -821,8 +821,11 @@ async fn user_tokens_are_verified_and_users_are_created_and_refreshed_at_authent
         ("no issue time", claims(json!({"iat": null})), "token_invalid"),
         ("garbage", "garbage".to_owned(), "token_invalid"),
         ("three garbage parts", "a.b.c".to_owned(), "token_invalid"),
-        ("a name over 256 characters", claims(json!({"name": "x".repeat(257)})), "invalid_value"),
-        ("a name with control characters", claims(json!({"name": "Al\u{0}ice"})), "invalid_value"),
+        ("a name over 256 characters", claims(json!({"name": "x".repeat(257)})), "token_invalid"),
+        ("a full name over 256 characters", claims(json!({"fullName": "x".repeat(257)})), "token_invalid"),
+        ("a name with control characters", claims(json!({"name": "Al\u{0}ice"})), "token_invalid"),
+        ("not valid for another five minutes", claims(json!({"nbf": now + 300})), "token_invalid"),
+        ("a name that is a number", claims(json!({"name": 42})), "token_invalid"),
     ] {
         let error = server.fails("GET", "/api/v1/application", &Auth::Bearer(token), None, code).await;
         assert!(!error["message"].as_str().unwrap().is_empty(), "{what}: {error}");
@@ -837,12 +840,45 @@ async fn user_tokens_are_verified_and_users_are_created_and_refreshed_at_authent
             json!({"iss": application.id, "aud": "beseda", "sub": "alice-1", "name": "Alice", "iat": now, "exp": now + 600})
         )
     );
-    server.fails("GET", "/api/v1/application", &Auth::Bearer(unsigned), None, "token_invalid").await;
+    let refused = server.fails("GET", "/api/v1/application", &Auth::Bearer(unsigned), None, "token_invalid").await;
+    // The message says what is accepted, not what the JWT library knows of.
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("only HS256 is accepted"), "{refused}");
+    assert!(!message.contains("variant") && !message.contains("RS256"), "{refused}");
+    // A claim over a limit is the token's fault: 401, naming the claim and the limit.
+    let (status, long_name) =
+        server.call("GET", "/api/v1/application", &Auth::Bearer(claims(json!({"name": "x".repeat(257)}))), None).await;
+    assert_eq!(status, 401, "{long_name}");
+    assert_eq!(long_name["error"]["field"], "name", "{long_name}");
+    let message = long_name["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`name`") && message.contains("256"), "{long_name}");
+    // `nbf` in the future is refused with a clear message; within the
+    // 30-second leeway (clock skew) it is accepted.
+    let early = server
+        .fails("GET", "/api/v1/application", &Auth::Bearer(claims(json!({"nbf": now + 300}))), None, "token_invalid")
+        .await;
+    assert_eq!(early["field"], "nbf", "{early}");
+    assert!(early["message"].as_str().unwrap().contains("not valid yet"), "{early}");
+    let malformed = server
+        .fails("GET", "/api/v1/application", &Auth::Bearer(claims(json!({"name": 42}))), None, "token_invalid")
+        .await;
+    assert!(!malformed["message"].as_str().unwrap().contains("invalid type"), "no serde text: {malformed}");
+    server.ok("GET", "/api/v1/application", &Auth::Bearer(claims(json!({"nbf": now + 10}))), None).await;
+    // The same over the WebSocket: the Hello is refused with the same error.
+    let refused = Client::try_connect(
+        &server,
+        json!({"hello": {"protocolVersion": 1, "token": claims(json!({"nbf": now + 300}))}}),
+    )
+    .await
+    .err()
+    .expect("a token not valid yet is refused");
+    assert_eq!(refused["error"]["code"], "token_invalid", "{refused}");
     // A token naming an application the server does not know.
     let unknown = sign_token("00000000-0000-0000-0000-000000000000", &application.key, "alice-1", "Alice", 600);
     server.fails("GET", "/api/v1/application", &Auth::Bearer(unknown), None, "application_not_registered").await;
 
-    // None of the refused tokens created a user.
+    // None of the refused tokens created a user (the early-but-in-leeway one
+    // was accepted and is the same infobase user).
     let everyone = server.ok("POST", "/api/v1/users/search", &app, Some(json!({"includeBlocked": true}))).await;
     assert_eq!(everyone["users"].as_array().unwrap().len(), 1, "{everyone}");
     let everyone =
@@ -930,4 +966,130 @@ async fn the_public_registration_call_cannot_be_used_to_flood_an_address_with_ma
             Some(json!({"email": "other@example.com", "applicationName": "Fine", "applicationUserCount": 1})),
         )
         .await;
+}
+
+#[tokio::test]
+async fn the_temporary_code_limit_answers_alike_for_subscribers_and_unknown_addresses() {
+    let server = TestServer::start().await;
+    // A subscriber who registered within the hour (an activation mail went
+    // to the address) and an address that is no subscriber.
+    server.register("known@example.com", "Sales").await;
+    let mut known_mail = Mailbox::open(&server, "known@example.com");
+    let path = "/api/v1/subscriber/temporary-code";
+    let call = |email: &'static str| {
+        let server = &server;
+        async move { server.call("POST", path, &Auth::None, Some(json!({"subscriberEmail": email}))).await }
+    };
+    for attempt in 1..=6 {
+        let (known_status, known_body) = call("known@example.com").await;
+        let (unknown_status, unknown_body) = call("nobody@example.com").await;
+        assert_eq!(known_status, unknown_status, "call {attempt}: {known_body} / {unknown_body}");
+        let anonymised = known_body.to_string().replace("known@example.com", "nobody@example.com");
+        assert_eq!(anonymised, unknown_body.to_string(), "call {attempt}");
+        let expected = if attempt <= 5 { 200 } else { 429 };
+        assert_eq!(known_status, expected, "call {attempt}: {known_body}");
+    }
+    let (_, refused) = call("nobody@example.com").await;
+    assert_eq!(refused["error"]["code"], "too_many_attempts", "{refused}");
+    // Five codes reached the subscriber, and the refused calls sent nothing.
+    let mails = known_mail.take(&server);
+    assert_eq!(mails.len(), 5);
+    assert!(mails.iter().all(|mail| mail.subject.contains(TEMPORARY_CODE)));
+}
+
+#[tokio::test]
+async fn single_subscriber_administrators_are_added_and_removed_beside_the_others() {
+    let server = TestServer::start().await;
+    let application = server.register("owner@example.com", "Sales").await;
+    let administration_key = key_in(&server.latest_mail("owner@example.com"));
+    let (alice_id, alice) = user(&server, &application, "alice-1", "Alice").await;
+    let (bob_id, bob) = user(&server, &application, "bob-1", "Bob").await;
+    let (carol_id, _) = user(&server, &application, "carol-1", "Carol").await;
+    let app = application.privileged();
+    let (add, remove) = ("/api/v1/subscriber/administrators/add", "/api/v1/subscriber/administrators/remove");
+    let with_key = |user_id: &str| json!({"credential": {"subscriberEmail": "owner@example.com", "administrationKey": administration_key}, "userId": user_id});
+    let sorted = |value: &Value| {
+        let mut ids: Vec<String> = serde_json::from_value(value["userIds"].clone()).unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    let expected = |ids: &[&String]| {
+        let mut ids: Vec<String> = ids.iter().map(|id| (*id).clone()).collect();
+        ids.sort();
+        ids
+    };
+
+    // The same rights as setting the list: no credential, no change.
+    server.fails("POST", add, &app, Some(json!({"userId": alice_id})), "subscriber_credential_invalid").await;
+    server.fails("POST", add, &bob, Some(json!({"userId": bob_id})), "subscriber_credential_invalid").await;
+
+    // ДобавитьВАдминистраторыАбонента with the key: one user joins, the others stay.
+    let added = server.ok("POST", add, &app, Some(with_key(&alice_id))).await;
+    assert_eq!(sorted(&added), expected(&[&alice_id]), "{added}");
+    let added = server.ok("POST", add, &app, Some(with_key(&bob_id))).await;
+    assert_eq!(sorted(&added), expected(&[&alice_id, &bob_id]), "{added}");
+    // Adding an administrator again changes nothing.
+    let again = server.ok("POST", add, &app, Some(with_key(&bob_id))).await;
+    assert_eq!(sorted(&again), expected(&[&alice_id, &bob_id]), "{again}");
+    // An administrator needs no credential.
+    let added = server.ok("POST", add, &alice, Some(json!({"userId": carol_id}))).await;
+    assert_eq!(sorted(&added), expected(&[&alice_id, &bob_id, &carol_id]), "{added}");
+
+    // ИсключитьИзАдминистраторовАбонента: one user leaves, the others stay.
+    let removed = server.ok("POST", remove, &alice, Some(json!({"userId": bob_id}))).await;
+    assert_eq!(sorted(&removed), expected(&[&alice_id, &carol_id]), "{removed}");
+    let listed = server.ok("GET", "/api/v1/subscriber/administrators", &app, None).await;
+    assert_eq!(sorted(&listed), expected(&[&alice_id, &carol_id]), "{listed}");
+    // Bob is no longer an administrator, so he cannot remove anyone.
+    server.fails("POST", remove, &bob, Some(json!({"userId": alice_id})), "subscriber_credential_invalid").await;
+
+    // Bad input is a typed error naming the field.
+    let error =
+        server.fails("POST", add, &app, Some(with_key("00000000-0000-0000-0000-000000000000")), "user_not_found").await;
+    assert_eq!(error["field"], "userId", "{error}");
+    let error = server.fails("POST", remove, &alice, Some(json!({})), "invalid_value").await;
+    assert_eq!(error["field"], "userId", "{error}");
+    let listed = server.ok("GET", "/api/v1/subscriber/administrators", &app, None).await;
+    assert_eq!(sorted(&listed), expected(&[&alice_id, &carol_id]), "failed calls changed nothing: {listed}");
+}
+
+/// `beseda ctl outbox` as the README's first steps run it.
+fn ctl_outbox(server: &TestServer, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_beseda"))
+        .args(["ctl", "outbox", "--email", "owner@example.com", "--outbox-dir"])
+        .arg(&server.outbox)
+        .args(args)
+        .output()
+        .expect("run beseda ctl");
+    (output.status.success(), String::from_utf8(output.stdout).expect("UTF-8 output"))
+}
+
+#[tokio::test]
+async fn ctl_outbox_prints_the_decoded_mail_and_with_code_only_the_code() {
+    let server = TestServer::start().await;
+    let (found, _) = ctl_outbox(&server, &[]);
+    assert!(!found, "no mail yet is a failure for scripts");
+    let request = json!({"email": "owner@example.com", "applicationName": "Sales", "applicationUserCount": 5});
+    server.ok("POST", "/api/v1/registration/request", &Auth::None, Some(request.clone())).await;
+
+    // The whole mail, decoded: the server address is whole, not `http://12=` / `7.0.0.1`.
+    let (found, text) = ctl_outbox(&server, &[]);
+    assert!(found, "{text}");
+    assert!(text.contains("on the Beseda server http://127.0.0.1"), "{text}");
+    assert!(!text.contains("=\n") && !text.contains("=\r\n") && !text.contains("=3D"), "still encoded: {text}");
+    assert!(text.contains("\"Sales\""), "{text}");
+
+    // --code: the code alone, which completes the registration.
+    let (found, code) = ctl_outbox(&server, &["--code"]);
+    assert!(found, "{code}");
+    let code = code.strip_suffix('\n').expect("one line");
+    assert!(code.len() == 8 && code.chars().all(|c| c.is_ascii_digit()), "{code:?}");
+    let mut complete = request;
+    complete["activationCode"] = json!(code);
+    server.ok("POST", "/api/v1/registration/complete", &Auth::None, Some(complete)).await;
+
+    // The newest mail is now the administration key, and --code prints the key.
+    let (found, key) = ctl_outbox(&server, &["--code"]);
+    assert!(found, "{key}");
+    assert_eq!(key.trim_end(), key_in(&server.latest_mail("owner@example.com")));
 }

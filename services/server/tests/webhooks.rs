@@ -236,7 +236,7 @@ async fn the_documented_examples_run_as_documented() {
     {
         assert!(examples.iter().any(|example| example.script.contains(command)), "no example of {command}");
     }
-    for status in [200, 400, 401, 404, 409, 500] {
+    for status in [200, 400, 401, 404, 409, 413, 500] {
         assert!(examples.iter().any(|example| example.expect == status), "no example answering {status}");
     }
 
@@ -390,7 +390,7 @@ async fn every_command_acts_through_the_collaboration_system() {
     let not_author = fails(
         url,
         json!({"updateMessage": {"extId": "m-1", "extConversationId": "order-1", "extUserId": "2", "text": "x"}}),
-        400,
+        500,
     )
     .await;
     assert!(not_author.contains("not the author"), "{not_author}");
@@ -485,20 +485,18 @@ async fn answers_use_the_documented_status_codes() {
     let text =
         fails(url, json!({"createUser": {"extUserId": "1", "name": "A", "fullName": "", "picture": "@@"}}), 400).await;
     assert!(text.contains("`picture`"), "{text}");
+    let long_title = "t".repeat(1025);
     let text = fails(
         url,
-        json!({"createMessage": {"extId": "m3", "extConversationId": "c", "extUserId": "404", "text": "x"}}),
+        json!({"createConversation": {"extConversationId": "long", "title": long_title, "extUserId": "1"}}),
         400,
     )
     .await;
-    assert!(text.contains("`404`") && text.contains("createUser"), "{text}");
-    let text = fails(
-        url,
-        json!({"createConversation": {"extConversationId": "e", "title": "E", "extUserId": "1", "members": ["ghost"]}}),
-        400,
-    )
-    .await;
-    assert!(text.contains("members") && text.contains("`ghost`"), "{text}");
+    assert!(text.contains("field `title`") && text.contains("at most 1024"), "{text}");
+    let text =
+        fails(url, json!({"createMessage": {"extId": "m3", "extConversationId": "c", "text": "ж".repeat(4001)}}), 400)
+            .await;
+    assert!(text.contains("field `text`") && text.contains("at most 4000"), "{text}");
     let (status, _) = post_raw(url, "", None).await;
     assert_eq!(status, 400);
 
@@ -544,14 +542,21 @@ async fn answers_use_the_documented_status_codes() {
     assert!(text.contains("createMessage first"), "{text}");
     let text = fails(url, json!({"updateConversation": {"extConversationId": "nope", "title": "x"}}), 500).await;
     assert!(text.contains("createConversation first"), "{text}");
-    let long_title = "t".repeat(1025);
+    // An extUserId that was never created is missing like a conversation is.
     let text = fails(
         url,
-        json!({"createConversation": {"extConversationId": "long", "title": long_title, "extUserId": "1"}}),
+        json!({"createMessage": {"extId": "m3", "extConversationId": "c", "extUserId": "404", "text": "x"}}),
         500,
     )
     .await;
-    assert!(text.starts_with("invalid_value: "), "{text}");
+    assert!(text.contains("`404`") && text.contains("createUser"), "{text}");
+    let text = fails(
+        url,
+        json!({"createConversation": {"extConversationId": "e", "title": "E", "extUserId": "1", "members": ["ghost"]}}),
+        500,
+    )
+    .await;
+    assert!(text.contains("members") && text.contains("`ghost`"), "{text}");
 
     // Exactly the one message in "c" after all of that.
     let messages = fixture.messages(&conversation_id).await;
@@ -573,14 +578,14 @@ async fn failed_requests_change_nothing() {
         // Unknown members: neither the conversation nor the own user is created.
         (
             json!({"createConversation": {"extConversationId": "c2", "title": "C2", "extUserId": "1", "members": ["ghost"]}}),
-            400,
+            500,
         ),
         (json!({"createConversation": {"extConversationId": "c3", "title": "C3", "members": ["1"]}}), 400),
-        (json!({"createConversation": {"extConversationId": "c4", "title": "C4", "extUserId": "ghost"}}), 400),
+        (json!({"createConversation": {"extConversationId": "c4", "title": "C4", "extUserId": "ghost"}}), 500),
         (json!({"createConversation": {"extConversationId": "c", "title": "Again", "extUserId": "1"}}), 409),
-        (json!({"createConversation": {"extConversationId": "c5", "title": "t".repeat(1025), "extUserId": "1"}}), 500),
+        (json!({"createConversation": {"extConversationId": "c5", "title": "t".repeat(1025), "extUserId": "1"}}), 400),
         (message.clone(), 409),
-        (json!({"createMessage": {"extId": "m2", "extConversationId": "c", "extUserId": "ghost", "text": "x"}}), 400),
+        (json!({"createMessage": {"extId": "m2", "extConversationId": "c", "extUserId": "ghost", "text": "x"}}), 500),
         (json!({"createMessage": {"extId": "m2", "extConversationId": "c", "text": "ж".repeat(4001)}}), 400),
         (
             json!({"createMessage": {"extId": "m2", "extConversationId": "c", "text": "x", "data": "!", "dataType": "image/png"}}),
@@ -589,9 +594,9 @@ async fn failed_requests_change_nothing() {
         (json!({"createMessage": {"extId": "m2", "extConversationId": "nope", "text": "x"}}), 500),
         (json!({"createUser": {"extUserId": "1", "name": "Twin", "fullName": ""}}), 409),
         (json!({"updateMessage": {"extId": "zz", "extConversationId": "c", "text": "x"}}), 500),
-        (json!({"updateConversation": {"extConversationId": "c", "addMembers": ["ghost"]}}), 400),
-        (json!({"updateConversation": {"extConversationId": "c", "title": "New", "removeMembers": ["ghost"]}}), 400),
-        (json!({"updateUser": {"extUserId": "ghost", "name": "x"}}), 400),
+        (json!({"updateConversation": {"extConversationId": "c", "addMembers": ["ghost"]}}), 500),
+        (json!({"updateConversation": {"extConversationId": "c", "title": "New", "removeMembers": ["ghost"]}}), 500),
+        (json!({"updateUser": {"extUserId": "ghost", "name": "x"}}), 500),
         (json!({"updateUser": {"extUserId": "1", "name": ""}}), 400),
     ];
     for (body, status) in failing {
@@ -778,16 +783,17 @@ async fn anonymous_conversations_speak_as_the_integration() {
     let sent = ok(url, json!({"createMessage": {"extId": "1", "extConversationId": "fb", "text": "Great site"}})).await;
     assert_eq!(sent["authorId"], own.as_str());
 
-    // Its requests must not name users.
-    for body in [
-        json!({"createMessage": {"extId": "2", "extConversationId": "fb", "extUserId": "1", "text": "x"}}),
-        json!({"updateMessage": {"extId": "1", "extConversationId": "fb", "extUserId": "1", "text": "x"}}),
-        json!({"updateConversation": {"extConversationId": "fb", "addMembers": ["1"]}}),
-        json!({"updateConversation": {"extConversationId": "fb", "removeMembers": ["1"]}}),
-        json!({"updateConversation": {"extConversationId": "fb", "title": "x", "extUserId": "1"}}),
-        json!({"createConversation": {"extConversationId": "fb2", "title": "x", "members": ["1"]}}),
+    // Its requests must not name users: a 500, since that the conversation is
+    // anonymous is stored; creating one with members is wrong in itself, a 400.
+    for (body, status) in [
+        (json!({"createMessage": {"extId": "2", "extConversationId": "fb", "extUserId": "1", "text": "x"}}), 500),
+        (json!({"updateMessage": {"extId": "1", "extConversationId": "fb", "extUserId": "1", "text": "x"}}), 500),
+        (json!({"updateConversation": {"extConversationId": "fb", "addMembers": ["1"]}}), 500),
+        (json!({"updateConversation": {"extConversationId": "fb", "removeMembers": ["1"]}}), 500),
+        (json!({"updateConversation": {"extConversationId": "fb", "title": "x", "extUserId": "1"}}), 500),
+        (json!({"createConversation": {"extConversationId": "fb2", "title": "x", "members": ["1"]}}), 400),
     ] {
-        let text = fails(url, body, 400).await;
+        let text = fails(url, body, status).await;
         assert!(text.contains("without extUserId"), "{text}");
     }
     ok(url, json!({"updateConversation": {"extConversationId": "fb", "title": "Site feedback"}})).await;
@@ -840,4 +846,110 @@ async fn signed_integrations_refuse_unsigned_and_tampered_requests() {
     // An unknown token stays a 404, signature or not.
     let (status, _) = post_raw(&format!("{}/webhooks/nope", team.server.base_url), "{}", Some(&signature)).await;
     assert_eq!(status, 404);
+}
+
+// ---- strict 1C status codes and the body limit --------------------------------------
+
+/// A body of `size` bytes that is otherwise a valid createUser.
+fn padded_body(size: usize) -> Vec<u8> {
+    let head = r#"{"createUser": {"extUserId": "1", "name": "Ivan", "fullName": ""#;
+    let tail = r#""}}"#;
+    let mut body = head.as_bytes().to_vec();
+    body.resize(size - tail.len(), b' ');
+    body.extend_from_slice(tail.as_bytes());
+    body
+}
+
+#[tokio::test]
+async fn a_body_over_one_megabyte_is_the_documented_json_error() {
+    let fixture = fixture().await;
+    let too_large = padded_body(1024 * 1024 + 1);
+    let response = reqwest::Client::new()
+        .post(fixture.url())
+        .header("content-type", "application/json")
+        .body(too_large.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    assert_eq!(response.headers()["x-beseda-error-code"], "malformed_request");
+    let error: Value = response.json().await.expect("a JSON error body, not the framework's text");
+    assert_eq!(error["error"]["code"], "malformed_request", "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("1048576 bytes"), "{error}");
+    // Nothing was created: the same user can be created afterwards.
+    ok(fixture.url(), json!({"createUser": {"extUserId": "1", "name": "Ivan", "fullName": ""}})).await;
+    // An unknown token is a 404 whatever the size: the body tells nothing about the caller.
+    let (status, text) =
+        post_raw(&format!("{}/webhooks/no-such-token", fixture.team.server.base_url), too_large, None).await;
+    assert_eq!((status, text.as_str()), (404, "No active integration"));
+    // Exactly at the limit the body is read (and here answered 409: the user exists).
+    assert_eq!(post_raw(fixture.url(), padded_body(1024 * 1024), None).await.0, 409);
+}
+
+#[tokio::test]
+async fn strict_integrations_answer_only_the_1c_status_codes() {
+    let team = Team::start().await;
+    let secret = "strict-secret";
+    let created = team
+        .server
+        .ok(
+            "POST",
+            "/api/v1/integrations",
+            &team.application.privileged(),
+            Some(json!({"integration": {"externalSystemType": "webhook", "key": "strict", "use": true,
+                        "presentation": "Strict", "strictStatusCodes": true}})),
+        )
+        .await;
+    assert_eq!(created["strictStatusCodes"], true, "{created}");
+    let integration_id = created["id"].as_str().unwrap().to_owned();
+    let token = created["connectionPointUrl"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let url = format!("{}/webhooks/{token}", team.server.base_url);
+
+    // What Beseda answers 400 is a 500 with the same text.
+    let (status, text) = post_raw(&url, "{\"createMessage\": {", None).await;
+    assert_eq!(status, 500);
+    assert!(text.contains("not valid JSON"), "{text}");
+    let text = fails(&url, json!({"createMessage": {"extId": "m", "text": "hi"}}), 500).await;
+    assert!(text.contains("field `extConversationId` is required"), "{text}");
+    // A body over 1 MB: 500 with the text, not 413.
+    let (status, text) = post_raw(&url, padded_body(1024 * 1024 + 1), None).await;
+    assert_eq!(status, 500);
+    assert!(text.contains("larger than 1048576 bytes"), "{text}");
+    // 200, 409 and 404 are the 1C codes already.
+    ok(&url, json!({"createUser": {"extUserId": "1", "name": "Ivan", "fullName": ""}})).await;
+    fails(&url, json!({"createUser": {"extUserId": "1", "name": "Ivan", "fullName": ""}}), 409).await;
+
+    // A signing secret's 401 is a 500 too.
+    let path = format!("/api/v1/integrations/{integration_id}");
+    let privileged = team.application.privileged();
+    team.server
+        .ok(
+            "PATCH",
+            &path,
+            &privileged,
+            Some(json!({"updateMask": ["signingSecret"], "integration": {"signingSecret": secret}})),
+        )
+        .await;
+    let body = br#"{"createUser": {"extUserId": "2", "name": "Maria", "fullName": ""}}"#.to_vec();
+    let (status, text) = post_raw(&url, body.clone(), None).await;
+    assert_eq!(status, 500);
+    assert!(text.contains("X-Beseda-Signature"), "{text}");
+
+    // Switched off through the update API: Beseda's own codes again.
+    let updated = team
+        .server
+        .ok(
+            "PATCH",
+            &path,
+            &privileged,
+            Some(json!({"updateMask": ["strictStatusCodes"], "integration": {"strictStatusCodes": false}})),
+        )
+        .await;
+    assert!(updated.get("strictStatusCodes").is_none(), "false is omitted: {updated}");
+    assert_eq!(post_raw(&url, body.clone(), None).await.0, 401);
+    assert_eq!(post_raw(&url, "{", Some(&openssl_signature(secret, b"{"))).await.0, 400);
+    let (status, text) = post_raw(&url, body.clone(), Some(&openssl_signature(secret, &body))).await;
+    assert_eq!(status, 200, "{text}");
+    let stored = team.server.ok("GET", &path, &privileged, None).await;
+    assert!(stored.get("strictStatusCodes").is_none(), "{stored}");
 }

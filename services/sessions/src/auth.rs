@@ -69,13 +69,23 @@ pub async fn authenticate(
     routing: &Arc<dyn Routing>,
     request: wire::AuthenticateRequest,
 ) -> Result<(Caller, Option<wire::User>)> {
+    authenticate_with_expiry(routing, request).await.map(|(caller, user, _)| (caller, user))
+}
+
+/// Like [`authenticate`], also returning when a user token expires (`exp`,
+/// seconds since the epoch): a WebSocket connection ends then.
+pub async fn authenticate_with_expiry(
+    routing: &Arc<dyn Routing>,
+    request: wire::AuthenticateRequest,
+) -> Result<(Caller, Option<wire::User>, Option<i64>)> {
     let authenticated = routing
         .authenticate(tonic::Request::new(request))
         .await
         .map_err(|status| status::from_status(&status))?
         .into_inner();
     let caller = authenticated.caller.ok_or_else(|| Error::internal("authentication answered without a caller"))?;
-    Ok((Caller::from_wire(caller)?, authenticated.user))
+    let expires_at = authenticated.token_expires_at.map(|at| at.seconds);
+    Ok((Caller::from_wire(caller)?, authenticated.user, expires_at))
 }
 
 #[cfg(test)]

@@ -8,12 +8,14 @@
 //!   latest frame).
 //! - `POST /webhooks/{token}`: an integration's connection point (§29.5.4).
 //!   The token is the credential; the answer is the status and text the
-//!   bots service decides.
+//!   bots service decides, even for a body over the limit, which the bots
+//!   service answers by the integration's settings (404, 413 or 500).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -31,7 +33,7 @@ pub fn router(gateway: Gateway) -> axum::Router {
     axum::Router::new()
         .route("/bots/v1/processing", axum::routing::get(processing))
         .route("/webhooks/{token}", axum::routing::post(webhook))
-        .layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(beseda_bots::webhook::MAX_WEBHOOK_BODY_BYTES))
         .with_state(gateway)
 }
 
@@ -124,14 +126,24 @@ async fn webhook(
     State(gateway): State<Gateway>,
     Path(token): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
+    let (body, body_too_large) = match body {
+        Ok(body) => (body.to_vec(), false),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => (Vec::new(), true),
+        Err(rejection) => {
+            return error_response(&Error::new(
+                ErrorCode::MalformedRequest,
+                format!("the request body cannot be read: {}", rejection.body_text()),
+            ));
+        }
+    };
     let signature = headers
         .get(beseda_bots::signature::SIGNATURE_HEADER)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let request = wire::WebhookRequest { token, body: body.to_vec(), signature };
+    let request = wire::WebhookRequest { token, body, signature, body_too_large };
     let answer = match gateway.bots.receive_webhook(tonic::Request::new(request)).await {
         Ok(answer) => answer.into_inner(),
         Err(status) => return error_response(&beseda_routing::status::from_status(&status)),
@@ -140,6 +152,12 @@ async fn webhook(
         .ok()
         .and_then(|status| StatusCode::from_u16(status).ok())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The HTTP layer's failure, answered like every other one (docs/errors.md).
+        let mut response = error_response(&Error::new(ErrorCode::MalformedRequest, answer.text));
+        *response.status_mut() = status;
+        return response;
+    }
     let content_type = if answer.text.starts_with('{') { "application/json" } else { "text/plain; charset=utf-8" };
     let mut response = (status, answer.text).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

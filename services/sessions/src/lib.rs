@@ -20,6 +20,7 @@ use beseda_registry::Registry;
 pub mod api;
 pub mod auth;
 pub mod bots;
+pub mod connections;
 pub mod http_error;
 pub mod metric_families;
 pub mod openapi;
@@ -46,6 +47,11 @@ pub struct GatewayConfig {
     pub hello_timeout: Duration,
     /// Frames queued for one connection before it counts as a slow consumer.
     pub send_queue_capacity: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer
+    /// (one frame always fits into an empty queue).
+    pub send_queue_bytes: usize,
+    /// WebSocket connections one user may have open on this gateway.
+    pub max_connections_per_user: usize,
     /// Users one connection may watch the presence of.
     pub max_presence_watches: usize,
     /// Conversations one connection may follow at once.
@@ -60,6 +66,8 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(10),
             send_queue_capacity: 1024,
+            send_queue_bytes: 8 * 1024 * 1024,
+            max_connections_per_user: 16,
             max_presence_watches: 1000,
             max_subscriptions: 1000,
         }
@@ -76,6 +84,8 @@ pub struct Gateway {
     pub bus: Arc<dyn Bus>,
     pub registry: Arc<dyn Registry>,
     pub config: Arc<GatewayConfig>,
+    /// Open WebSocket connections per user, for `max_connections_per_user`.
+    pub user_connections: connections::UserConnections,
     /// Flips to true when the server is shutting down: connections tell
     /// their clients to reconnect elsewhere and close.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

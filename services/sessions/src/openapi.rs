@@ -117,7 +117,11 @@ pub fn document() -> Value {
         let mut operation = json!({
             "operationId": route.operation,
             "summary": route.summary,
-            "description": format!("1C:Enterprise: {}", route.one_c),
+            "description": if route.one_c == crate::api::NO_1C_METHOD {
+                "1C:Enterprise: no counterpart.".to_owned()
+            } else {
+                format!("1C:Enterprise: {}", route.one_c)
+            },
             "parameters": parameters,
             "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": schema_ref(&format!("{PACKAGE_PREFIX}{}", route.response_message))}}},

@@ -11,7 +11,7 @@
 //! events at or below the last seq sent are dropped, and a gap (or a bus
 //! lag) is filled from the conversation's event log before going on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -25,10 +25,12 @@ use beseda_registry::{PresenceChange, UserKey};
 use beseda_routing::{Caller, status};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
 use crate::Gateway;
+
+mod outbox;
+mod replay;
 
 /// Frames are answered in the encoding they came in; pushes use the Hello's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +99,12 @@ fn encode_frame(outgoing: &Outgoing) -> WsMessage {
     }
 }
 
+/// Whether routing refused because the user may no longer read the
+/// conversation (rather than because it could not answer).
+fn lost_access(error: &Error) -> bool {
+    matches!(error.code, ErrorCode::NotAMember | ErrorCode::ConversationNotFound | ErrorCode::UserKindRestricted)
+}
+
 fn error_frame(request_id: u64, error: &Error) -> wire::ServerFrame {
     wire::ServerFrame {
         request_id,
@@ -112,7 +120,7 @@ fn error_frame(request_id: u64, error: &Error) -> wire::ServerFrame {
 /// one flush.
 async fn write_frames(
     mut sink: futures_util::stream::SplitSink<WebSocket, WsMessage>,
-    mut queue: mpsc::Receiver<WsMessage>,
+    mut queue: outbox::OutboxReceiver,
 ) {
     let is_data = |message: &WsMessage| u64::from(matches!(message, WsMessage::Text(_) | WsMessage::Binary(_)));
     while let Some(first) = queue.recv().await {
@@ -121,7 +129,7 @@ async fn write_frames(
         if sink.feed(first).await.is_err() {
             return;
         }
-        while !closing && let Ok(next) = queue.try_recv() {
+        while !closing && let Some(next) = queue.try_recv() {
             let is_close = matches!(next, WsMessage::Close(_));
             data_frames += is_data(&next);
             if sink.feed(next).await.is_err() {
@@ -144,6 +152,58 @@ enum Ending {
     ClientClosed,
     Error(Error),
     Shutdown,
+    /// The client sent a frame or message over the size limit.
+    TooLarge,
+}
+
+/// How long the last frames (an error, a Close) get to reach a client that
+/// may be reading nothing; then the socket is dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether reading failed because a frame or message was over the limit.
+fn too_large(error: &axum::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|error| matches!(error, tungstenite::Error::Capacity(_)))
+}
+
+fn too_large_error() -> Error {
+    Error::new(
+        ErrorCode::FrameTooLarge,
+        format!(
+            "a WebSocket frame or message may have at most {MAX_FRAME_BYTES} bytes (128 KB); send large data in binary frames or over REST"
+        ),
+    )
+}
+
+/// Close 1009 (message too big), with a reason that names the limit.
+fn too_large_close() -> CloseFrame {
+    CloseFrame {
+        code: 1009,
+        reason: format!("frame_too_large: at most {MAX_FRAME_BYTES} bytes per frame or message").into(),
+    }
+}
+
+/// Waits a little for the writer to send the last frames, then drops it.
+async fn finish_writer(mut writer: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// Ends a connection before Welcome: an error frame, then `close`.
+async fn refuse(
+    queue: outbox::Outbox,
+    writer: tokio::task::JoinHandle<()>,
+    error: &Error,
+    encoding: Encoding,
+    close: CloseFrame,
+) {
+    let _ = queue.send(encode_frame(&Outgoing { frame: error_frame(0, error), encoding }), CLOSE_GRACE).await;
+    let _ = queue.send(WsMessage::Close(Some(close)), CLOSE_GRACE).await;
+    drop(queue);
+    finish_writer(writer).await;
+    metrics::gauge!("beseda_ws_connections").decrement(1.0);
 }
 
 struct Connection {
@@ -151,7 +211,12 @@ struct Connection {
     caller: Caller,
     user_id: String,
     encoding: Encoding,
-    queue: mpsc::Sender<WsMessage>,
+    queue: outbox::Outbox,
+    /// Replays from the event log in progress, the first one advancing.
+    replays: VecDeque<replay::Replay>,
+    /// Request frames that arrived while a Subscribe's answer waits for its
+    /// replay, answered in order after it.
+    held: VecDeque<WsMessage>,
     streams: StreamMap<StreamKey, BusStream>,
     /// Last seq sent per subscribed conversation.
     conversations: HashMap<String, u64>,
@@ -159,6 +224,61 @@ struct Connection {
     /// what it is unsure of after a reconnect, and conversation events are
     /// deduplicated by seq, notifications by this.
     recent_notifications: VecDeque<String>,
+    /// The connection's user kind: external users watch presence only of
+    /// users they may see.
+    user_kind: wire::UserKind,
+    /// Subscribed conversations that list the user as a member (as of the
+    /// last snapshot seen): tells removal from revoked context access.
+    listed_member_of: HashSet<String>,
+    /// When the token that authenticated the connection expires.
+    token: Option<TokenClock>,
+}
+
+/// The expiry of the connection's token: a `tokenExpiring` push a little
+/// before `exp`, then the end of the connection unless RefreshToken came.
+struct TokenClock {
+    /// The token's `exp`, seconds since the epoch.
+    expires_at: i64,
+    /// How long before `exp` the push goes out.
+    notice: std::time::Duration,
+    notice_sent: bool,
+    /// Set when a refresh moved `exp`: the connection's timer must be reset.
+    moved: bool,
+}
+
+/// The push goes out this long before `exp` at most...
+const TOKEN_NOTICE_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// ...and at most this fraction of the token's remaining life before it, so
+/// a short-lived token is not asked to refresh right after it was presented.
+const TOKEN_NOTICE_FRACTION: u32 = 10;
+
+impl TokenClock {
+    fn new(expires_at: i64) -> TokenClock {
+        let remaining = until_epoch_seconds(expires_at);
+        TokenClock {
+            expires_at,
+            notice: TOKEN_NOTICE_MAX.min(remaining / TOKEN_NOTICE_FRACTION),
+            notice_sent: false,
+            moved: true,
+        }
+    }
+
+    /// When the connection's token timer must fire next.
+    fn next_wakeup(&self) -> tokio::time::Instant {
+        let remaining = until_epoch_seconds(self.expires_at);
+        let now = tokio::time::Instant::now();
+        if self.notice_sent { now + remaining } else { now + remaining.saturating_sub(self.notice) }
+    }
+}
+
+/// Time from now until `epoch_seconds` (zero when it has passed).
+fn until_epoch_seconds(epoch_seconds: i64) -> std::time::Duration {
+    let target = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(epoch_seconds).unwrap_or(0));
+    target.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+}
+
+fn epoch_timestamp(epoch_seconds: i64) -> beseda_proto::Timestamp {
+    beseda_proto::Timestamp { seconds: epoch_seconds, nanos: 0 }
 }
 
 /// Notifications remembered per connection for deduplication.
@@ -170,7 +290,7 @@ impl Connection {
         let frame = Outgoing { frame: wire::ServerFrame { request_id: 0, body: Some(body) }, encoding: self.encoding };
         match self.queue.try_send(encode_frame(&frame)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(outbox::TrySendError::Full(_)) => {
                 metrics::counter!("beseda_ws_slow_consumers_total").increment(1);
                 Err(Ending::Error(Error::new(
                     ErrorCode::SlowConsumer,
@@ -180,7 +300,7 @@ impl Connection {
                     ),
                 )))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Ending::ClientClosed),
+            Err(outbox::TrySendError::Closed(_)) => Err(Ending::ClientClosed),
         }
     }
 
@@ -191,39 +311,135 @@ impl Connection {
         body: server_frame::Body,
     ) -> std::result::Result<(), Ending> {
         let frame = Outgoing { frame: wire::ServerFrame { request_id, body: Some(body) }, encoding };
-        self.queue.send(encode_frame(&frame)).await.map_err(|_| Ending::ClientClosed)
+        self.send_waiting(encode_frame(&frame)).await
     }
 
-    /// Sends stored events after the conversation's last sent seq, up to and
-    /// including `until` when given (else to the end of the log).
-    async fn replay(&mut self, conversation_id: &str, until: Option<u64>) -> std::result::Result<(), Ending> {
-        loop {
-            let after_seq = self.conversations.get(conversation_id).copied().unwrap_or(0);
-            if until.is_some_and(|until| after_seq >= until) {
-                return Ok(());
-            }
-            let request = self.caller.request(wire::GetEventsRequest {
-                conversation: Some(wire::ConversationRef {
-                    by: Some(wire::conversation_ref::By::Id(conversation_id.to_owned())),
-                }),
-                after_seq,
-                limit: 0,
-            });
-            let page = match self.gateway.routing.get_events(request).await {
-                Ok(page) => page.into_inner(),
-                Err(status) => return Err(Ending::Error(status::from_status(&status))),
-            };
-            for event in page.events {
-                let seq = event.seq;
-                // Replay waits for the client instead of counting as a slow
-                // consumer: a resume may be far larger than the queue.
-                self.reply(0, self.encoding, server_frame::Body::Event(event)).await?;
-                self.conversations.insert(conversation_id.to_owned(), seq);
-            }
-            if !page.more {
-                return Ok(());
+    /// Called after delivering a `conversationChanged` event: whether the
+    /// user may still follow the conversation. If not, the subscription ends
+    /// here, before any later event. The event's snapshot decides when it
+    /// lists the user (or everyone); otherwise routing is asked, because
+    /// context access grants are not in the snapshot. Asking now rather than
+    /// "as of this seq" only errs towards a user who regained access since,
+    /// who may read those events anyway.
+    async fn still_has_access(&mut self, event: &wire::ConversationEvent) -> std::result::Result<bool, Ending> {
+        let Some(wire::conversation_event::Kind::ConversationChanged(conversation)) = &event.kind else {
+            return Ok(true);
+        };
+        let listed = conversation.member_ids.contains(&self.user_id);
+        let was_listed = if listed {
+            !self.listed_member_of.insert(conversation.id.clone())
+        } else {
+            self.listed_member_of.remove(&conversation.id)
+        };
+        let everyone = conversation.all_application_users
+            && self.user_kind != wire::UserKind::Guest
+            && !(self.user_kind == wire::UserKind::External && conversation.context.is_some());
+        if listed || everyone {
+            return Ok(true);
+        }
+        let request = self.caller.request(wire::GetConversationRequest {
+            conversation: Some(wire::ConversationRef {
+                by: Some(wire::conversation_ref::By::Id(conversation.id.clone())),
+            }),
+        });
+        match self.gateway.routing.get_conversation(request).await {
+            Ok(_) => Ok(true),
+            Err(status) => {
+                let error = status::from_status(&status);
+                if !lost_access(&error) {
+                    // Unknown: fail closed. The client reconnects and
+                    // subscribes again, which checks access afresh.
+                    return Err(Ending::Error(error));
+                }
+                let (reason, message) = if was_listed || conversation.context.is_none() {
+                    (wire::SubscriptionEndReason::Removed, "the user is no longer a member of the conversation")
+                } else {
+                    (
+                        wire::SubscriptionEndReason::AccessRevoked,
+                        "the user's access to the context conversation was revoked",
+                    )
+                };
+                self.end_subscription(&conversation.id, reason, message).await?;
+                Ok(false)
             }
         }
+    }
+
+    /// Drops a subscription the user lost access to and says why.
+    async fn end_subscription(
+        &mut self,
+        conversation_id: &str,
+        reason: wire::SubscriptionEndReason,
+        message: &str,
+    ) -> std::result::Result<(), Ending> {
+        self.streams.remove(&StreamKey::Conversation(conversation_id.to_owned()));
+        self.listed_member_of.remove(conversation_id);
+        self.cancel_replays(conversation_id).await?;
+        let Some(last_seq) = self.conversations.remove(conversation_id) else {
+            return Ok(());
+        };
+        metrics::counter!("beseda_ws_subscriptions_ended_total").increment(1);
+        let ended = wire::SubscriptionEnded {
+            conversation_id: conversation_id.to_owned(),
+            reason: reason as i32,
+            last_seq,
+            message: message.to_owned(),
+        };
+        self.reply(0, self.encoding, server_frame::Body::SubscriptionEnded(ended)).await
+    }
+
+    /// The token timer fired: first ask for a fresh token, then end the
+    /// connection at `exp`.
+    fn on_token_timer(&mut self) -> std::result::Result<(), Ending> {
+        let Some(token) = self.token.as_mut() else {
+            return Ok(());
+        };
+        if token.notice_sent {
+            metrics::counter!("beseda_ws_tokens_expired_total").increment(1);
+            return Err(Ending::Error(Error::new(
+                ErrorCode::TokenExpired,
+                "the connection's user token expired; connect again with a fresh token, or send refreshToken before exp",
+            )));
+        }
+        token.notice_sent = true;
+        token.moved = true;
+        let expiring = wire::TokenExpiring { expires_at: Some(epoch_timestamp(token.expires_at)) };
+        self.push(server_frame::Body::TokenExpiring(expiring))
+    }
+
+    /// RefreshToken: the same user of the same application, expiring later.
+    async fn refresh_token(&mut self, refresh: wire::RefreshToken) -> Result<server_frame::Body> {
+        if refresh.token.is_empty() {
+            return Err(Error::field_required("token"));
+        }
+        let credentials = wire::AuthenticateRequest {
+            credentials: Some(wire::authenticate_request::Credentials::UserToken(refresh.token)),
+        };
+        let (caller, _, expires_at) = crate::auth::authenticate_with_expiry(&self.gateway.routing, credentials).await?;
+        if caller.application_id != self.caller.application_id || caller.user_id != self.caller.user_id {
+            return Err(Error::new(
+                ErrorCode::TokenInvalid,
+                "the new token names another user or application; a connection stays the user it was opened for",
+            )
+            .with_field("token"));
+        }
+        let Some(expires_at) = expires_at else {
+            return Err(Error::internal("authentication answered without the token's expiry"));
+        };
+        if let Some(current) = &self.token
+            && expires_at <= current.expires_at
+        {
+            return Err(Error::new(
+                ErrorCode::TokenInvalid,
+                format!(
+                    "the new token expires at {expires_at}, not later than the current one ({}); mint a fresh token",
+                    current.expires_at
+                ),
+            )
+            .with_field("token"));
+        }
+        self.token = Some(TokenClock::new(expires_at));
+        Ok(server_frame::Body::TokenRefreshed(wire::TokenRefreshed { expires_at: Some(epoch_timestamp(expires_at)) }))
     }
 
     async fn on_conversation_event(&mut self, event: &wire::ConversationEvent) -> std::result::Result<(), Ending> {
@@ -233,12 +449,22 @@ impl Connection {
         if event.seq <= last_sent {
             return Ok(());
         }
+        if self.replaying(&event.conversation_id) {
+            self.start_replay(&event.conversation_id.clone(), Some(event.seq));
+            return Ok(());
+        }
         if event.seq > last_sent + 1 {
             metrics::counter!("beseda_ws_gap_fills_total").increment(1);
-            return self.replay(&event.conversation_id.clone(), Some(event.seq)).await;
+            self.start_replay(&event.conversation_id.clone(), Some(event.seq));
+            return Ok(());
         }
         self.push(server_frame::Body::Event(event.clone()))?;
         self.conversations.insert(event.conversation_id.clone(), event.seq);
+        if matches!(event.kind, Some(wire::conversation_event::Kind::ConversationChanged(_)))
+            && !self.still_has_access(event).await?
+        {
+            return Ok(());
+        }
         // From the commit (`at`) to this connection's queue. Backdated
         // messages (privileged `date`) and clock skew would read as hours or
         // as negative, so only plausible latencies are recorded.
@@ -262,7 +488,7 @@ impl Connection {
             Received::Lagged(missed) => {
                 tracing::debug!(?key, missed, "bus subscriber lagged; resyncing from storage");
                 if let StreamKey::Conversation(conversation_id) = key {
-                    self.replay(&conversation_id, None).await?;
+                    self.start_replay(&conversation_id, None);
                 } else if key == StreamKey::User {
                     let counts = self.gateway.routing.get_unread_counts(self.caller.request(wire::Empty {})).await;
                     if let Ok(counts) = counts {
@@ -359,13 +585,20 @@ impl Connection {
         );
         let start = if subscribe.after_seq == 0 { conversation.last_seq } else { subscribe.after_seq };
         self.conversations.insert(conversation.id.clone(), start);
-        if let Err(ending) = self.replay(&conversation.id, None).await {
-            return Err(match ending {
-                Ending::Error(error) => error,
-                _ => Error::new(ErrorCode::Unavailable, "the connection closed during replay"),
-            });
+        if conversation.member_ids.contains(&self.user_id) {
+            self.listed_member_of.insert(conversation.id.clone());
+        } else {
+            self.listed_member_of.remove(&conversation.id);
         }
-        let last_seq = self.conversations.get(&conversation.id).copied().unwrap_or(start);
+        // The replay runs from the connection's loop, paced by the socket;
+        // this answer is held until it ends (with the last seq it sent).
+        self.restart_replay(&conversation.id);
+        let Some(last_seq) = self.conversations.get(&conversation.id).copied() else {
+            return Err(Error::new(
+                ErrorCode::NotAMember,
+                format!("access to conversation `{}` ended while subscribing", conversation.id),
+            ));
+        };
         Ok(server_frame::Body::Subscribed(wire::Subscribed { conversation_id: conversation.id, last_seq }))
     }
 
@@ -380,9 +613,10 @@ impl Connection {
                 ),
             ));
         }
+        let user_ids = self.visible_users(watch.user_ids).await?;
         // Subscribe before reading presence, so no change in between is missed.
-        let mut keys = Vec::with_capacity(watch.user_ids.len());
-        for user_id in &watch.user_ids {
+        let mut keys = Vec::with_capacity(user_ids.len());
+        for user_id in &user_ids {
             let topic =
                 Topic::Presence { application_id: self.caller.application_id.clone(), user_id: user_id.clone() };
             self.streams.insert(
@@ -395,13 +629,32 @@ impl Connection {
         let online = self.gateway.registry.online_of(&keys).await.map_err(|unavailable| {
             Error::new(ErrorCode::Unavailable, format!("{unavailable}; watch presence again in a few seconds"))
         })?;
-        let users = watch
-            .user_ids
-            .into_iter()
-            .zip(online)
-            .map(|(user_id, online)| wire::Presence { online, user_id })
-            .collect();
+        let users =
+            user_ids.into_iter().zip(online).map(|(user_id, online)| wire::Presence { online, user_id }).collect();
         Ok(server_frame::Body::Presence(wire::PresenceList { users }))
+    }
+
+    /// The ids among `user_ids` whose presence this user may watch: the
+    /// users GetUsers shows them. Regular users see every user of the
+    /// application; for external users (and guests) routing applies the
+    /// §29.3.5 rule, and the others are left out as if they did not exist.
+    async fn visible_users(&mut self, user_ids: Vec<String>) -> Result<Vec<String>> {
+        if self.user_kind == wire::UserKind::Regular || user_ids.is_empty() {
+            return Ok(user_ids);
+        }
+        let page = beseda_core::limits::MAX_PAGE_SIZE as usize;
+        let mut visible = HashSet::new();
+        for chunk in user_ids.chunks(page) {
+            let request = self.caller.request(wire::UsersFilter {
+                count: page as u32,
+                ids: chunk.to_vec(),
+                include_blocked: true,
+                ..Default::default()
+            });
+            let users = self.gateway.routing.get_users(request).await.map_err(|status| status::from_status(&status))?;
+            visible.extend(users.into_inner().users.into_iter().map(|user| user.id));
+        }
+        Ok(user_ids.into_iter().filter(|id| visible.contains(id)).collect())
     }
 
     /// Answers one request frame.
@@ -419,10 +672,15 @@ impl Connection {
             In::Unsubscribe(unsubscribe) => {
                 self.streams.remove(&StreamKey::Conversation(unsubscribe.conversation_id.clone()));
                 self.conversations.remove(&unsubscribe.conversation_id);
+                self.listed_member_of.remove(&unsubscribe.conversation_id);
+                // Requests wait while a Subscribe's answer is held, so no
+                // replay being dropped here has an answer to give.
+                self.replays.retain(|replay| !replay.is_of(&unsubscribe.conversation_id));
                 Out::Ok(wire::Empty {})
             }
             In::WatchPresence(watch) => return self.watch_presence(watch).await,
             In::Ping(ping) => Out::Pong(ping),
+            In::RefreshToken(refresh) => return self.refresh_token(refresh).await,
             In::SendMessage(request) => {
                 let span = tracing::info_span!("ws.send_message");
                 let sent = tracing::Instrument::instrument(
@@ -483,6 +741,8 @@ struct Greeted {
     user: wire::User,
     encoding: Encoding,
     protocol_version: u32,
+    /// The token's `exp`, seconds since the epoch.
+    token_expires_at: Option<i64>,
 }
 
 async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Result<Greeted, (Error, Encoding)> {
@@ -535,10 +795,11 @@ async fn greet(gateway: &Gateway, message: Option<WsMessage>) -> std::result::Re
     let credentials = wire::AuthenticateRequest {
         credentials: Some(wire::authenticate_request::Credentials::UserToken(hello.token)),
     };
-    let (caller, user) =
-        crate::auth::authenticate(&gateway.routing, credentials).await.map_err(|error| (error, encoding))?;
+    let (caller, user, token_expires_at) = crate::auth::authenticate_with_expiry(&gateway.routing, credentials)
+        .await
+        .map_err(|error| (error, encoding))?;
     let user = user.ok_or_else(|| (Error::internal("authentication returned no user"), encoding))?;
-    Ok(Greeted { caller, user, encoding, protocol_version: hello.protocol_version })
+    Ok(Greeted { caller, user, encoding, protocol_version: hello.protocol_version, token_expires_at })
 }
 
 /// Tells the watchers of `user` that they came online or went offline (also
@@ -558,7 +819,8 @@ pub async fn publish_presence_change(bus: &dyn beseda_bus::Bus, user: &UserKey, 
 
 async fn serve_connection(gateway: Gateway, socket: WebSocket) {
     let (sink, mut stream) = socket.split();
-    let (queue, receiver) = mpsc::channel::<WsMessage>(gateway.config.send_queue_capacity);
+    let (queue, receiver) =
+        outbox::Outbox::channel(gateway.config.send_queue_capacity, gateway.config.send_queue_bytes);
     let writer = tokio::spawn(write_frames(sink, receiver));
     metrics::gauge!("beseda_ws_connections").increment(1.0);
 
@@ -566,24 +828,36 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         loop {
             match stream.next().await {
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                Some(Ok(message)) => return Some(message),
-                _ => return None,
+                Some(Ok(message)) => return Ok(Some(message)),
+                Some(Err(error)) if too_large(&error) => return Err(too_large_error()),
+                _ => return Ok(None),
             }
         }
     })
     .await
-    .unwrap_or(None);
-    let Greeted { caller, user, encoding, protocol_version } = match greet(&gateway, first).await {
+    .unwrap_or(Ok(None));
+    let first = match first {
+        Ok(first) => first,
+        Err(error) => return refuse(queue, writer, &error, Encoding::Json, too_large_close()).await,
+    };
+    let Greeted { caller, user, encoding, protocol_version, token_expires_at } = match greet(&gateway, first).await {
         Ok(greeted) => greeted,
         Err((error, encoding)) => {
-            let _ = queue.send(encode_frame(&Outgoing { frame: error_frame(0, &error), encoding })).await;
-            let _ =
-                queue.send(WsMessage::Close(Some(CloseFrame { code: 4000, reason: error.code.as_str().into() }))).await;
-            drop(queue);
-            let _ = writer.await;
-            metrics::gauge!("beseda_ws_connections").decrement(1.0);
-            return;
+            let close = CloseFrame { code: 4000, reason: error.code.as_str().into() };
+            return refuse(queue, writer, &error, encoding, close).await;
         }
+    };
+    let max_connections = gateway.config.max_connections_per_user;
+    let Some(_slot) = gateway.user_connections.acquire(&caller.application_id, &user.id, max_connections) else {
+        metrics::counter!("beseda_ws_connections_refused_total", "reason" => "per_user_limit").increment(1);
+        let error = Error::new(
+            ErrorCode::TooManyConnections,
+            format!(
+                "this user already has {max_connections} WebSocket connections to this gateway, the most it allows; close one first"
+            ),
+        );
+        let close = CloseFrame { code: 4000, reason: error.code.as_str().into() };
+        return refuse(queue, writer, &error, encoding, close).await;
     };
     let user_key = UserKey { application_id: caller.application_id.clone(), user_id: user.id.clone() };
     // Recorded in the background: a registry outage (a leader election)
@@ -606,9 +880,14 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         user_id: user.id.clone(),
         encoding,
         queue: queue.clone(),
+        replays: VecDeque::new(),
+        held: VecDeque::new(),
         streams: StreamMap::new(),
         conversations: HashMap::new(),
         recent_notifications: VecDeque::new(),
+        user_kind: wire::UserKind::try_from(user.kind).unwrap_or(wire::UserKind::Unspecified),
+        listed_member_of: HashSet::new(),
+        token: token_expires_at.map(TokenClock::new),
     };
     let user_topic = Topic::User { application_id: user_key.application_id.clone(), user_id: user_key.user_id.clone() };
     connection.streams.insert(StreamKey::User, Box::pin(gateway.bus.subscribe(&user_topic).await.into_stream()));
@@ -642,11 +921,16 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
             }));
             let _ = queue.try_send(WsMessage::Close(Some(CloseFrame { code: 1012, reason: "service restart".into() })));
         }
+        Ending::TooLarge => {
+            let _ = queue.try_send(encode_frame(&Outgoing { frame: error_frame(0, &too_large_error()), encoding }));
+            let _ = queue.try_send(WsMessage::Close(Some(too_large_close())));
+        }
         Ending::ClientClosed => {}
     }
     drop(connection);
     drop(queue);
-    let _ = writer.await;
+    finish_writer(writer).await;
+    drop(stream);
     let _ = recorded.await;
     match gateway.registry.disconnected(&user_key, &gateway.config.node_id).await {
         Ok(PresenceChange::WentOffline) => publish_presence_change(gateway.bus.as_ref(), &user_key, false).await,
@@ -654,6 +938,38 @@ async fn serve_connection(gateway: Gateway, socket: WebSocket) {
         Err(unavailable) => tracing::warn!(%unavailable, "disconnection not recorded in the session registry"),
     }
     metrics::gauge!("beseda_ws_connections").decrement(1.0);
+}
+
+/// Answers one request frame (or says why it does not decode).
+async fn on_frame(connection: &mut Connection, message: WsMessage) -> std::result::Result<(), Ending> {
+    let (frame, encoding) = match decode_frame(&message) {
+        Ok(Some(decoded)) => decoded,
+        Ok(None) => return Ok(()),
+        Err(error) => {
+            let encoding = if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json };
+            let body = error_frame(0, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {}));
+            return connection.reply(0, encoding, body).await;
+        }
+    };
+    metrics::counter!("beseda_ws_frames_in_total").increment(1);
+    let request_id = frame.request_id;
+    let answer = match frame.body {
+        Some(body) => connection.handle(body).await,
+        None => {
+            Err(Error::new(ErrorCode::FieldRequired, "the frame has no body; set one request field").with_field("body"))
+        }
+    };
+    let body = match answer {
+        // Goes out when the subscription's replay has been sent.
+        Ok(server_frame::Body::Subscribed(subscribed))
+            if connection.defer_answer(request_id, encoding, &subscribed) =>
+        {
+            return Ok(());
+        }
+        Ok(body) => body,
+        Err(error) => error_frame(request_id, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {})),
+    };
+    connection.reply(request_id, encoding, body).await
 }
 
 async fn run_connection(
@@ -665,11 +981,23 @@ async fn run_connection(
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.reset();
     let mut last_heard = Instant::now();
+    // One timer for the token, reset when a refresh moves its expiry; a
+    // connection without one (an older routing node) never fires it.
+    let mut token_timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
     loop {
+        if let Some(token) = connection.token.as_mut()
+            && token.moved
+        {
+            token.moved = false;
+            token_timer.as_mut().reset(token.next_wakeup());
+        }
         tokio::select! {
-            incoming = stream.next() => {
+            // Reading stops only when many requests already wait behind a
+            // held Subscribe answer.
+            incoming = stream.next(), if connection.held.len() < replay::MAX_HELD_FRAMES => {
                 let message = match incoming {
                     Some(Ok(message)) => message,
+                    Some(Err(error)) if too_large(&error) => return Ending::TooLarge,
                     Some(Err(error)) => {
                         tracing::debug!(%error, "websocket read failed");
                         return Ending::ClientClosed;
@@ -680,31 +1008,30 @@ async fn run_connection(
                 if matches!(message, WsMessage::Close(_)) {
                     return Ending::ClientClosed;
                 }
-                let (frame, encoding) = match decode_frame(&message) {
-                    Ok(Some(decoded)) => decoded,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        let encoding = if matches!(message, WsMessage::Binary(_)) { Encoding::Protobuf } else { Encoding::Json };
-                        if let Err(ending) = connection.reply(0, encoding, error_frame(0, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {}))).await {
-                            return ending;
-                        }
-                        continue;
-                    }
-                };
-                metrics::counter!("beseda_ws_frames_in_total").increment(1);
-                let request_id = frame.request_id;
-                let answer = match frame.body {
-                    Some(body) => connection.handle(body).await,
-                    None => Err(Error::new(ErrorCode::FieldRequired, "the frame has no body; set one request field").with_field("body")),
-                };
-                let body = match answer {
-                    Ok(body) => body,
-                    Err(error) => error_frame(request_id, &error).body.unwrap_or(server_frame::Body::Ok(wire::Empty {})),
-                };
-                if let Err(ending) = connection.reply(request_id, encoding, body).await {
+                // Requests are answered in order: those behind a Subscribe
+                // whose answer waits for its replay wait too.
+                let request = matches!(message, WsMessage::Text(_) | WsMessage::Binary(_));
+                if request && (connection.answer_pending() || !connection.held.is_empty()) {
+                    connection.held.push_back(message);
+                    continue;
+                }
+                if let Err(ending) = on_frame(connection, message).await {
                     return ending;
                 }
             }
+            () = std::future::ready(()), if !connection.held.is_empty() && !connection.answer_pending() => {
+                if let Some(message) = connection.held.pop_front()
+                    && let Err(ending) = on_frame(connection, message).await
+                {
+                    return ending;
+                }
+            }
+            () = std::future::ready(()), if connection.replay_ready() => {
+                if let Err(ending) = connection.replay_step().await {
+                    return ending;
+                }
+            }
+            () = connection.queue.room(), if connection.replay_waiting() => {}
             Some((key, received)) = connection.streams.next(), if !connection.streams.is_empty() => {
                 if let Err(ending) = connection.on_bus(key, received).await {
                     return ending;
@@ -714,6 +1041,14 @@ async fn run_connection(
                 if last_heard.elapsed() > config.idle_timeout {
                     return Ending::Error(Error::new(ErrorCode::Unavailable, "no frame or pong arrived within the idle timeout"));
                 }
+                // A client that writes (pongs, pings) but reads nothing.
+                if connection.queue.stalled_for().is_some_and(|stalled| stalled > config.idle_timeout) {
+                    metrics::counter!("beseda_ws_slow_consumers_total").increment(1);
+                    return Ending::Error(Error::new(
+                        ErrorCode::SlowConsumer,
+                        format!("the client read nothing for {} s while frames were waiting for it", config.idle_timeout.as_secs()),
+                    ));
+                }
                 if connection.queue.try_send(WsMessage::Ping(Default::default())).is_err() {
                     return Ending::Error(Error::new(ErrorCode::SlowConsumer, "the connection's send queue is full"));
                 }
@@ -721,6 +1056,11 @@ async fn run_connection(
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     return Ending::Shutdown;
+                }
+            }
+            () = &mut token_timer, if connection.token.is_some() => {
+                if let Err(ending) = connection.on_token_timer() {
+                    return ending;
                 }
             }
         }

@@ -61,6 +61,7 @@ async fn start() -> Harness {
         bus: bus.clone(),
         registry: Arc::new(LocalRegistry::new()),
         config: Arc::new(GatewayConfig::default()),
+        user_connections: Default::default(),
         shutdown,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

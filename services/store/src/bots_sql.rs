@@ -15,7 +15,7 @@ use crate::engine::{DbError, Executor, Row, SqlBuilder, Value};
 
 const BOT_COLUMNS: &str = "id, user_id, bot_type, additional_parameters, predefined, infobase_user_name, created_at";
 const INTEGRATION_COLUMNS: &str = "id, system_type, integration_key, enabled, parameters, presentation, \
-    default_member_ids, connection_token, signing_secret, own_user_id, created_at";
+    default_member_ids, connection_token, signing_secret, own_user_id, created_at, strict_status_codes";
 const SUBSCRIPTION_COLUMNS: &str = "id, url, secret, event_kinds, conversation_ids, enabled, created_at";
 const DELIVERY_COLUMNS: &str = "id, consumer_kind, consumer_id, kind, payload, attempts, dead, last_error, created_at";
 
@@ -142,7 +142,7 @@ impl crate::BotStore for SqlStore {
             .execute(
                 &format!(
                     "INSERT INTO integrations (application_id, {INTEGRATION_COLUMNS}) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
                 ),
                 &integration_params(application_id, integration, true)?,
             )
@@ -160,7 +160,7 @@ impl crate::BotStore for SqlStore {
     async fn find_integration_by_token(&self, token: &str) -> Result<Option<(String, Integration)>> {
         let sql = format!("SELECT {INTEGRATION_COLUMNS}, application_id FROM integrations WHERE connection_token = $1");
         let rows = self.engine().query(&sql, &[token.into()]).await?;
-        rows.first().map(|row| Ok((row.text(11)?, integration_from_row(row)?))).transpose()
+        rows.first().map(|row| Ok((row.text(12)?, integration_from_row(row)?))).transpose()
     }
 
     async fn list_integrations(&self, application_id: &str) -> Result<Vec<Integration>> {
@@ -176,7 +176,7 @@ impl crate::BotStore for SqlStore {
             .execute(
                 "UPDATE integrations SET system_type = $3, integration_key = $4, enabled = $5, parameters = $6, \
                  presentation = $7, default_member_ids = $8, connection_token = $9, signing_secret = $10, \
-                 own_user_id = $11 WHERE application_id = $1 AND id = $2",
+                 own_user_id = $11, strict_status_codes = $12 WHERE application_id = $1 AND id = $2",
                 &integration_params(application_id, integration, false)?,
             )
             .await
@@ -863,6 +863,7 @@ fn integration_params(application_id: &str, integration: &Integration, with_crea
     if with_created_at {
         params.push(integration.created_at.into());
     }
+    params.push(integration.strict_status_codes.into());
     Ok(params)
 }
 
@@ -879,6 +880,7 @@ fn integration_from_row(row: &Row) -> Result<Integration> {
         signing_secret: row.opt_text(8)?,
         own_user_id: row.opt_text(9)?,
         created_at: row.int(10)?,
+        strict_status_codes: row.bool(11)?,
     })
 }
 

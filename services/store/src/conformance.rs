@@ -787,15 +787,24 @@ pub async fn context_access_is_granted_revoked_and_opened_to_all_users(store: &d
     store.set_context_access(app, "ctx", &strings(&["u1", "u2"]), &[], None).await.unwrap();
     assert!(access("u1").await && access("u2").await && !access("u3").await);
     // Granting twice is harmless; revoking wins over granting in one call.
-    store.set_context_access(app, "ctx", &strings(&["u1", "u3"]), &strings(&["u2", "u3"]), None).await.unwrap();
+    // Losing access is logged with the conversation's next seq; a call that
+    // takes nothing away logs nothing.
+    let revoked =
+        store.set_context_access(app, "ctx", &strings(&["u1", "u3"]), &strings(&["u2", "u3"]), None).await.unwrap();
     assert!(access("u1").await && !access("u2").await && !access("u3").await);
+    let revoked = revoked.expect("a revocation is logged");
+    assert_eq!(revoked.seq, 1);
+    assert!(matches!(revoked.kind, EventKind::ConversationChanged(_)));
+    assert_eq!(store.events_after(app, "ctx", 0, 10).await.unwrap(), [revoked]);
+    assert!(store.set_context_access(app, "ctx", &[], &strings(&["u2"]), None).await.unwrap().is_none());
 
     store.set_context_access(app, "ctx", &[], &[], Some(true)).await.unwrap();
     assert!(access("u3").await);
     assert!(store.get_conversation(app, "ctx").await.unwrap().unwrap().all_application_users);
     let accessible = ConversationQuery { limit: 10, accessible_to: Some("u3".into()), ..Default::default() };
     assert_eq!(conversation_ids(&store.list_conversations(app, &accessible).await.unwrap()), ["ctx"]);
-    store.set_context_access(app, "ctx", &[], &[], Some(false)).await.unwrap();
+    let withdrawn = store.set_context_access(app, "ctx", &[], &[], Some(false)).await.unwrap();
+    assert_eq!(withdrawn.map(|event| event.seq), Some(2), "withdrawing access for everyone is logged");
     assert!(!access("u3").await && access("u1").await);
     assert!(store.list_conversations(app, &accessible).await.unwrap().is_empty());
 

@@ -383,6 +383,25 @@ impl crate::Store for SqlStore {
         rows.first().map_or(Ok(0), |row| row.uint(0))
     }
 
+    async fn set_subscriber_administrator(
+        &self,
+        application_id: &str,
+        user_id: &str,
+        administrator: bool,
+    ) -> Result<()> {
+        let updated = self
+            .engine
+            .execute(
+                "UPDATE users SET subscriber_administrator = $3 WHERE application_id = $1 AND id = $2",
+                &[application_id.into(), user_id.into(), administrator.into()],
+            )
+            .await?;
+        match updated {
+            0 => Err(Error::new(ErrorCode::UserNotFound, format!("user {user_id} not found"))),
+            _ => Ok(()),
+        }
+    }
+
     async fn set_subscriber_administrators(&self, application_id: &str, user_ids: &[String]) -> Result<()> {
         let mut tx = self.engine.begin().await?;
         tx.execute(
@@ -643,11 +662,15 @@ impl crate::Store for SqlStore {
         grant_user_ids: &[String],
         revoke_user_ids: &[String],
         all_application_users: Option<bool>,
-    ) -> Result<()> {
+    ) -> Result<Option<ConversationEvent>> {
         let mut tx = self.engine.begin().await?;
         let ids: [Value; 2] = [application_id.into(), conversation_id.into()];
         let rows = tx
-            .query("SELECT context_object_type FROM conversations WHERE application_id = $1 AND id = $2", &ids)
+            .query(
+                "SELECT context_object_type, all_application_users FROM conversations \
+                 WHERE application_id = $1 AND id = $2",
+                &ids,
+            )
             .await?;
         let Some(row) = rows.first() else {
             return Err(conversation_not_found(conversation_id));
@@ -655,6 +678,7 @@ impl crate::Store for SqlStore {
         if row.opt_text(0)?.is_none() {
             return Err(Error::invalid("conversationId", "access rights apply to context conversations only"));
         }
+        let everyone_before = row.bool(1)?;
         for chunk in grant_user_ids.chunks(CHUNK) {
             let mut sql =
                 SqlBuilder::new("INSERT INTO context_access (application_id, conversation_id, user_id) VALUES ");
@@ -662,11 +686,12 @@ impl crate::Store for SqlStore {
             sql.push(" ON CONFLICT (application_id, conversation_id, user_id) DO NOTHING");
             tx.execute(&sql.sql, &sql.params).await?;
         }
+        let mut revoked = 0;
         for chunk in revoke_user_ids.chunks(CHUNK) {
             let mut sql = SqlBuilder::new("DELETE FROM context_access WHERE application_id = ");
             sql.push_bind(application_id).push(" AND conversation_id = ").push_bind(conversation_id);
             sql.push(" AND user_id IN ").push_in_list(chunk);
-            tx.execute(&sql.sql, &sql.params).await?;
+            revoked += tx.execute(&sql.sql, &sql.params).await?;
         }
         if let Some(all) = all_application_users {
             tx.execute(
@@ -675,8 +700,39 @@ impl crate::Store for SqlStore {
             )
             .await?;
         }
+        // Losing access is logged like a membership change: gateways see it
+        // on the conversation's topic in seq order with the messages, and end
+        // the subscriptions of users who lost access before the next event.
+        let lost_access = revoked > 0 || (everyone_before && all_application_users == Some(false));
+        if !lost_access {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let seq = bump_seq(tx.as_mut(), application_id, conversation_id).await?;
+        let conversation = fetch_conversation(tx.as_mut(), application_id, conversation_id)
+            .await?
+            .ok_or_else(|| Error::internal("conversation vanished inside its own access change"))?;
+        let event = ConversationEvent {
+            conversation_id: conversation_id.to_owned(),
+            seq,
+            at: now_micros(),
+            kind: EventKind::ConversationChanged(conversation.clone()),
+        };
+        insert_event(tx.as_mut(), application_id, &event).await?;
+        let changed = ApplicationEvent {
+            conversation_id: conversation_id.to_owned(),
+            seq,
+            at: event.at,
+            kind: ApplicationEventKind::ConversationChanged {
+                conversation,
+                added_member_ids: Vec::new(),
+                removed_member_ids: Vec::new(),
+            },
+        };
+        insert_outbox(tx.as_mut(), application_id, &changed).await?;
         tx.commit().await?;
-        Ok(())
+        tracing::debug!(application_id, conversation_id, seq, "context access revoked");
+        Ok(Some(event))
     }
 
     async fn has_context_access(&self, application_id: &str, conversation_id: &str, user_id: &str) -> Result<bool> {
@@ -899,18 +955,39 @@ impl crate::Store for SqlStore {
                 &[application_id.into(), conversation_id.into(), after_seq.into(), i64::from(limit).into()],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let kind: EventKind = serde_json::from_str(&row.text(2)?)
-                    .map_err(|error| Error::internal(format!("stored event payload does not parse: {error}")))?;
-                Ok(ConversationEvent {
-                    conversation_id: conversation_id.to_owned(),
-                    seq: row.uint(0)?,
-                    at: row.int(1)?,
-                    kind,
-                })
-            })
-            .collect()
+        events_from_rows(conversation_id, &rows)
+    }
+
+    async fn events_after_within(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<ConversationEvent>> {
+        // The running total is computed by the database, so rows past the
+        // budget are never handed to this process. `octet_length` is the
+        // same function in SQLite (3.43+) and PostgreSQL.
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let rows = self
+            .engine
+            .query(
+                "SELECT seq, at, payload FROM (SELECT seq, at, payload, \
+                 SUM(octet_length(payload)) OVER (ORDER BY seq) - octet_length(payload) AS before \
+                 FROM conversation_events WHERE application_id = $1 AND conversation_id = $2 \
+                 AND seq > $3 ORDER BY seq LIMIT $4) page WHERE before = 0 OR before + octet_length(payload) <= $5 \
+                 ORDER BY seq",
+                &[
+                    application_id.into(),
+                    conversation_id.into(),
+                    after_seq.into(),
+                    i64::from(limit).into(),
+                    max_bytes.into(),
+                ],
+            )
+            .await?;
+        events_from_rows(conversation_id, &rows)
     }
 
     // ---- notifications
@@ -1488,6 +1565,22 @@ fn conversation_from_row(row: &Row) -> Result<Conversation> {
         last_message_at: row.opt_int(12)?,
         last_seq: row.uint(13)?,
     })
+}
+
+/// Rows of `seq, at, payload` from `conversation_events`.
+fn events_from_rows(conversation_id: &str, rows: &[Row]) -> Result<Vec<ConversationEvent>> {
+    rows.iter()
+        .map(|row| {
+            let kind: EventKind = serde_json::from_str(&row.text(2)?)
+                .map_err(|error| Error::internal(format!("stored event payload does not parse: {error}")))?;
+            Ok(ConversationEvent {
+                conversation_id: conversation_id.to_owned(),
+                seq: row.uint(0)?,
+                at: row.int(1)?,
+                kind,
+            })
+        })
+        .collect()
 }
 
 fn message_from_row(row: &Row) -> Result<Message> {

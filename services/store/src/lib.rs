@@ -169,6 +169,15 @@ pub trait Store: BotStore + Send + Sync + 'static {
     async fn count_users(&self, application_id: &str) -> Result<u64>;
     /// Makes exactly these users subscriber administrators of the application.
     async fn set_subscriber_administrators(&self, application_id: &str, user_ids: &[String]) -> Result<()>;
+    /// Adds one user to the subscriber administrators or removes them, leaving
+    /// the others as they are, in one statement so that concurrent single
+    /// changes cannot undo each other; `user_not_found` when there is no such user.
+    async fn set_subscriber_administrator(
+        &self,
+        application_id: &str,
+        user_id: &str,
+        administrator: bool,
+    ) -> Result<()>;
 
     // ---- conversations
 
@@ -198,7 +207,10 @@ pub trait Store: BotStore + Send + Sync + 'static {
     /// first), then the user's other displayed non-context conversations by
     /// last activity, newest first, until `pad_to` entries.
     async fn conversation_list(&self, application_id: &str, user_id: &str, pad_to: usize) -> Result<Vec<Conversation>>;
-    /// Grants or revokes the Read right on a context conversation.
+    /// Grants or revokes the Read right on a context conversation. When
+    /// someone loses access (a grant revoked, or access for everyone
+    /// withdrawn), also appends a `ConversationChanged` event in the same
+    /// transaction and returns it, for publishing.
     async fn set_context_access(
         &self,
         application_id: &str,
@@ -206,7 +218,7 @@ pub trait Store: BotStore + Send + Sync + 'static {
         grant_user_ids: &[String],
         revoke_user_ids: &[String],
         all_application_users: Option<bool>,
-    ) -> Result<()>;
+    ) -> Result<Option<ConversationEvent>>;
     /// True when the user was granted access, or everyone was.
     async fn has_context_access(&self, application_id: &str, conversation_id: &str, user_id: &str) -> Result<bool>;
 
@@ -237,6 +249,18 @@ pub trait Store: BotStore + Send + Sync + 'static {
         conversation_id: &str,
         after_seq: u64,
         limit: u32,
+    ) -> Result<Vec<ConversationEvent>>;
+    /// Like [`Store::events_after`], and also stopping before the stored
+    /// events would exceed `max_bytes` (the first event is always returned):
+    /// what a replay holds in memory at once stays bounded however large
+    /// each event is.
+    async fn events_after_within(
+        &self,
+        application_id: &str,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: u32,
+        max_bytes: u64,
     ) -> Result<Vec<ConversationEvent>>;
 
     // ---- notifications

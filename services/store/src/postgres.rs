@@ -28,6 +28,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, sql: include_str!("../migrations/postgres/0001_initial.sql") },
     Migration { version: 2, sql: include_str!("../migrations/postgres/0002_unread_counters.sql") },
     Migration { version: 3, sql: include_str!("../migrations/postgres/0003_bots.sql") },
+    Migration { version: 4, sql: include_str!("../migrations/postgres/0004_integration_status_codes.sql") },
 ];
 
 /// Serializes migrations of one schema across nodes. Transaction-scoped, so

@@ -34,6 +34,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, sql: include_str!("../migrations/sqlite/0001_initial.sql") },
     Migration { version: 2, sql: include_str!("../migrations/sqlite/0002_unread_counters.sql") },
     Migration { version: 3, sql: include_str!("../migrations/sqlite/0003_bots.sql") },
+    Migration { version: 4, sql: include_str!("../migrations/sqlite/0004_integration_status_codes.sql") },
 ];
 
 /// How long a statement waits for a lock held by another process (a backup
@@ -764,7 +765,7 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).unwrap();
         assert_eq!(mode, "wal");
     }

@@ -124,13 +124,14 @@ impl Command {
 }
 
 /// The rule of anonymous conversations (created without `extUserId`):
-/// requests for them must not name users.
+/// requests for them must not name users. A 500: whether the conversation
+/// is anonymous is a fact of the store, not of the request.
 pub fn check_anonymous(ext_conversation_id: &str, command: &Command) -> Outcome<()> {
     let carried = command.named_user_parameters();
     if carried.is_empty() {
         return Ok(());
     }
-    Err(Reject::bad_request(format!(
+    Err(Reject::failed(format!(
         "conversation `{ext_conversation_id}` was created without extUserId: requests for it must not carry \
          extUserId, members, addMembers or removeMembers (this {} carries {})",
         command.name(),
@@ -196,7 +197,7 @@ pub fn parse(body: &[u8]) -> Outcome<Command> {
             params.only(&["extConversationId", "title", "extUserId", "members"])?;
             Ok(Command::CreateConversation(CreateConversation {
                 ext_conversation_id: params.required_id("extConversationId")?,
-                title: params.required_string("title")?,
+                title: params.title(params.required_string("title")?)?,
                 ext_user_id: params.optional_id("extUserId")?,
                 members: params.id_list("members")?,
             }))
@@ -228,7 +229,7 @@ pub fn parse(body: &[u8]) -> Outcome<Command> {
             params.only(&["extConversationId", "title", "extUserId", "addMembers", "removeMembers"])?;
             let command = UpdateConversation {
                 ext_conversation_id: params.required_id("extConversationId")?,
-                title: params.optional_string("title")?,
+                title: params.optional_string("title")?.map(|title| params.title(title)).transpose()?,
                 ext_user_id: params.optional_id("extUserId")?,
                 add_members: params.id_list("addMembers")?,
                 remove_members: params.id_list("removeMembers")?,
@@ -298,6 +299,20 @@ pub(super) struct Params<'a> {
 }
 
 impl Params<'_> {
+    /// A conversation title within the collaboration system's limit, checked
+    /// here so that a too-long title is a 400 before anything is created.
+    fn title(&self, title: String) -> Outcome<String> {
+        let length = beseda_core::rules::char_count(&title);
+        if length > beseda_core::limits::MAX_TITLE_CHARS {
+            return Err(Reject::bad_request(format!(
+                "field `title` of {} has {length} characters; at most {} are allowed",
+                self.command,
+                beseda_core::limits::MAX_TITLE_CHARS
+            )));
+        }
+        Ok(title)
+    }
+
     /// Unknown parameters are rejected so that typos (`extUserID`) surface
     /// instead of silently changing what the request means.
     pub(super) fn only(&self, known: &[&str]) -> Outcome<()> {
@@ -352,7 +367,7 @@ impl Params<'_> {
             Value::Number(number) if number.is_i64() || number.is_u64() => number.to_string(),
             other => return Err(self.wrong_type(name, "a string", other)),
         };
-        if id.chars().count() > MAX_KEY_CHARS {
+        if beseda_core::rules::char_count(&id) > MAX_KEY_CHARS {
             return Err(Reject::bad_request(format!(
                 "field `{name}` of {} is longer than {MAX_KEY_CHARS} characters",
                 self.command

@@ -34,7 +34,7 @@ pub fn message_text(text: &str, format: TextFormat, has_data: bool) -> Outcome<M
         TextFormat::Plain => text.to_owned(),
         TextFormat::Html => sanitize_html(text),
     };
-    let length = stored.chars().count();
+    let length = beseda_core::rules::char_count(&stored);
     if length > MAX_TEXT_CHARS {
         return Err(Reject::bad_request(format!(
             "field `text` has {length} characters; at most {MAX_TEXT_CHARS} are allowed"
@@ -63,7 +63,7 @@ pub(super) fn is_mime_type(text: &str) -> bool {
     let essence = text.split(';').next().unwrap_or_default().trim();
     let token =
         |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "!#$&^_.+-".contains(c));
-    text.chars().count() <= MAX_NAME_CHARS
+    beseda_core::rules::char_count(text) <= MAX_NAME_CHARS
         && !text.chars().any(char::is_control)
         && essence.split_once('/').is_some_and(|(kind, subtype)| token(kind) && token(subtype))
 }

@@ -18,7 +18,7 @@ pub fn own_external_user_id(integration_id: &str) -> String {
 /// `<prefix>` when it fits in 256 characters, else a digest of it: keys and
 /// client message ids are limited to 256 characters.
 pub(super) fn bounded_id(plain: String, integration_id: &str) -> String {
-    if plain.chars().count() <= MAX_KEY_CHARS {
+    if beseda_core::rules::char_count(&plain) <= MAX_KEY_CHARS {
         return plain;
     }
     format!("webhook:{integration_id}:sha256:{}", hex::encode(Sha256::digest(plain.as_bytes())))

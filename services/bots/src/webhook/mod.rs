@@ -4,10 +4,16 @@
 //! users, conversations and messages on its behalf.
 //!
 //! The request is answered with one of the documented codes: 200 with a
-//! small JSON body naming the ids involved, 400 for a request that cannot be
-//! understood (the text names the field), 401 for a missing or wrong
+//! small JSON body naming the ids involved, 400 for a request that is wrong
+//! in itself (the text names the field), 401 for a missing or wrong
 //! signature, 404 "No active integration", 409 for a create… of an existing
-//! object (and a replayed createMessage), 500 with the error text otherwise.
+//! object (and a replayed createMessage), 413 for a body over 1 MB, 500 with
+//! the error text for a valid request that cannot be carried out. The rule
+//! between 400 and 500 is one: 400 when the request alone shows it can never
+//! succeed (form, fields, limits), 500 when it depends on what is stored
+//! (something named does not exist, a rule about stored objects). An
+//! integration with `strict_status_codes` answers only the 1C contract's
+//! 200, 404, 409 and 500: see [`status_for`].
 //!
 //! Everything here acts through the routing service in privileged mode, so a
 //! webhook obeys every rule a 1C application obeys. The mappings from
@@ -134,13 +140,40 @@ impl Reject {
     pub fn failed(text: impl Into<String>) -> Self {
         Reject { status: 500, text: text.into() }
     }
+
+    pub fn too_large() -> Self {
+        Reject {
+            status: 413,
+            text: format!("the body is larger than {MAX_WEBHOOK_BODY_BYTES} bytes; send one command per request"),
+        }
+    }
 }
 
-/// A domain error (from routing or the store) is a 500 with its
-/// `code: message` text.
+/// The largest webhook body the gateway reads (the REST API's limit).
+pub const MAX_WEBHOOK_BODY_BYTES: usize = 1024 * 1024;
+
+/// A domain error (from routing or the store), with its `code: message`
+/// text: a value the request gave that breaks a rule of the collaboration
+/// system (its class is invalid-argument: `text_too_long`, a title over
+/// 1,024 characters, …) is the request's fault, a 400 like the webhook's own
+/// checks; anything else depends on what is stored, a 500.
 impl From<Error> for Reject {
     fn from(error: Error) -> Self {
-        Reject::failed(error.to_string())
+        match error.code.class() {
+            ErrorClass::InvalidArgument => Reject::bad_request(error.to_string()),
+            _ => Reject::failed(error.to_string()),
+        }
+    }
+}
+
+/// The status answered for `status` by an integration. Strict, only the 1C
+/// contract's codes are used: Beseda's 400 (wrong request), 401 (signature)
+/// and 413 (body too large) are all "the command could not be processed",
+/// which 1C answers with 500 and the error text; the text is kept.
+pub fn status_for(status: u16, strict: bool) -> u16 {
+    match status {
+        400 | 401 | 413 if strict => 500,
+        other => other,
     }
 }
 
@@ -150,10 +183,14 @@ type Outcome<T> = std::result::Result<T, Reject>;
 
 /// Handles one webhook request; never panics, whatever the input.
 pub async fn receive(service: &BotsService, request: wire::WebhookRequest) -> wire::WebhookResponse {
-    let outcome = AssertUnwindSafe(handle(service, request)).catch_unwind().await;
+    // Set once the integration is known; a panic before that answers 500,
+    // which is in both sets of codes.
+    let strict = std::sync::atomic::AtomicBool::new(false);
+    let outcome = AssertUnwindSafe(handle(service, request, &strict)).catch_unwind().await;
+    let strict = strict.load(std::sync::atomic::Ordering::Relaxed);
     let (status, text) = match outcome {
         Ok(Ok(body)) => (200, body),
-        Ok(Err(reject)) => (reject.status, reject.text),
+        Ok(Err(reject)) => (status_for(reject.status, strict), reject.text),
         Err(_) => {
             tracing::error!("a webhook request panicked");
             (500, "internal: the request could not be processed".to_owned())
@@ -163,7 +200,11 @@ pub async fn receive(service: &BotsService, request: wire::WebhookRequest) -> wi
     wire::WebhookResponse { status: u32::from(status), text }
 }
 
-async fn handle(service: &BotsService, request: wire::WebhookRequest) -> Outcome<String> {
+async fn handle(
+    service: &BotsService,
+    request: wire::WebhookRequest,
+    strict: &std::sync::atomic::AtomicBool,
+) -> Outcome<String> {
     let token = request.token.trim();
     if token.is_empty() || token.len() > 512 {
         return Err(Reject::not_found());
@@ -178,6 +219,10 @@ async fn handle(service: &BotsService, request: wire::WebhookRequest) -> Outcome
     else {
         return Err(Reject::not_found());
     };
+    strict.store(integration.strict_status_codes, std::sync::atomic::Ordering::Relaxed);
+    if request.body_too_large {
+        return Err(Reject::too_large());
+    }
     check_signature(integration.signing_secret.as_deref(), &request.body, &request.signature)?;
     let command = parse(&request.body)?;
     let name = command.name();

@@ -70,11 +70,12 @@ impl Session<'_> {
 
     // ---- lookups
 
-    /// The collaboration user behind an external user id; 400 when unknown.
+    /// The collaboration user behind an external user id; 500 when unknown,
+    /// like any other object a request names that does not exist.
     pub(super) async fn mapped_user(&self, field: &str, ext_user_id: &str) -> Outcome<String> {
         self.store().get_integration_user(&self.application_id, self.integration_id(), ext_user_id).await?.ok_or_else(
             || {
-                Reject::bad_request(format!(
+                Reject::failed(format!(
                     "{field}: no user has extUserId `{}`; create it with createUser first",
                     clip(ext_user_id)
                 ))
@@ -150,13 +151,14 @@ impl Session<'_> {
         if let Some(user_id) = &self.integration.own_user_id {
             return Ok(user_id.clone());
         }
-        let name: String = [self.integration.presentation.trim(), self.integration.key.trim(), "Integration"]
-            .into_iter()
-            .find(|name| !name.is_empty())
-            .unwrap_or("Integration")
-            .chars()
-            .take(MAX_NAME_CHARS)
-            .collect();
+        let name = beseda_core::rules::truncate_chars(
+            [self.integration.presentation.trim(), self.integration.key.trim(), "Integration"]
+                .into_iter()
+                .find(|name| !name.is_empty())
+                .unwrap_or("Integration"),
+            MAX_NAME_CHARS,
+        )
+        .to_owned();
         let external_id = own_external_user_id(self.integration_id());
         let user = wire::User {
             kind: wire::UserKind::Integration as i32,
@@ -357,7 +359,7 @@ impl Session<'_> {
         if let Some(ext_user_id) = &params.ext_user_id {
             let user_id = self.mapped_user("extUserId", ext_user_id).await?;
             if user_id != message.author_id {
-                return Err(Reject::bad_request(format!(
+                return Err(Reject::failed(format!(
                     "extUserId `{}` is not the author of message `{}`",
                     clip(ext_user_id),
                     clip(&params.ext_id)

@@ -203,7 +203,7 @@ fn anonymous_conversations_refuse_named_users() {
     let named =
         parsed(r#"{"createMessage": {"extId": "1", "extConversationId": "c", "text": "hi", "extUserId": "u"}}"#);
     let reject = check_anonymous("c", &named).unwrap_err();
-    assert_eq!(reject.status, 400);
+    assert_eq!(reject.status, 500, "the conversation's kind is stored, so this is not a 400");
     assert!(reject.text.contains("without extUserId") && reject.text.contains("carries extUserId"));
     let rename = parsed(r#"{"updateConversation": {"extConversationId": "c", "title": "New"}}"#);
     assert!(check_anonymous("c", &rename).is_ok());
@@ -343,8 +343,8 @@ fn ids_fit_the_limits() {
 
 #[test]
 fn errors_become_texts_with_their_code() {
-    let reject = Reject::from(Error::new(ErrorCode::TextTooLong, "too long"));
-    assert_eq!(reject, Reject { status: 500, text: "text_too_long: too long".into() });
+    let reject = Reject::from(Error::new(ErrorCode::ConversationNotFound, "no such conversation"));
+    assert_eq!(reject, Reject { status: 500, text: "conversation_not_found: no such conversation".into() });
     assert_eq!(Reject::not_found().text, "No active integration");
 }
 
@@ -367,4 +367,41 @@ fn parsing_never_panics_on_odd_input() {
     }
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     assert_eq!(parse(deep.as_bytes()).unwrap_err().status, 400);
+}
+
+// ---- status codes
+
+#[test]
+fn a_title_over_the_limit_is_a_400_naming_it() {
+    let title = "t".repeat(beseda_core::limits::MAX_TITLE_CHARS + 1);
+    let created = bad(&format!(r#"{{"createConversation": {{"extConversationId": "c", "title": "{title}"}}}}"#));
+    assert!(created.text.contains("field `title`") && created.text.contains("at most 1024"), "{}", created.text);
+    let renamed = bad(&format!(r#"{{"updateConversation": {{"extConversationId": "c", "title": "{title}"}}}}"#));
+    assert!(renamed.text.contains("field `title`"), "{}", renamed.text);
+    let fits = "t".repeat(beseda_core::limits::MAX_TITLE_CHARS);
+    parsed(&format!(r#"{{"createConversation": {{"extConversationId": "c", "title": "{fits}"}}}}"#));
+}
+
+#[test]
+fn strict_integrations_answer_only_the_1c_codes() {
+    // The 1C contract (§29.5.4): 200, 404, 409 and 500.
+    for status in [200, 404, 409, 500] {
+        assert_eq!(status_for(status, true), status);
+        assert_eq!(status_for(status, false), status);
+    }
+    for status in [400, 401, 413] {
+        assert_eq!(status_for(status, true), 500, "{status} in strict mode");
+        assert_eq!(status_for(status, false), status, "{status} by default");
+    }
+}
+
+#[test]
+fn collaboration_rules_on_the_requests_values_are_400_and_the_rest_500() {
+    let too_long = Reject::from(Error::new(ErrorCode::TextTooLong, "too long"));
+    assert_eq!(too_long.status, 400);
+    assert!(too_long.text.starts_with("text_too_long: "), "{}", too_long.text);
+    let blocked = Reject::from(Error::new(ErrorCode::UserBlocked, "blocked"));
+    assert_eq!(blocked.status, 500);
+    let missing = Reject::from(Error::new(ErrorCode::UserNotFound, "no such user"));
+    assert_eq!(missing.status, 500);
 }

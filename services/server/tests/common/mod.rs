@@ -418,6 +418,27 @@ impl Client {
         tokio::time::timeout(within, next_json(&mut self.socket)).await.ok().flatten()
     }
 
+    /// Waits (at most [`WAIT`]) for the server to close the socket; keeps
+    /// data frames meanwhile in `pushes` and answers the close code and
+    /// reason, or None when the socket ended without a Close frame.
+    pub async fn closed_by_server(&mut self) -> Option<(u16, String)> {
+        let read = async {
+            loop {
+                match self.socket.next().await? {
+                    Ok(WsMessage::Close(frame)) => {
+                        return frame.map(|frame| (u16::from(frame.code), frame.reason.to_string()));
+                    }
+                    Ok(WsMessage::Text(text)) => {
+                        self.pushes.push_back(serde_json::from_str(text.as_str()).expect("server sends JSON"))
+                    }
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read).await.expect("the server closes the socket in time")
+    }
+
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
     }

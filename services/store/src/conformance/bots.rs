@@ -40,6 +40,7 @@ fn integration(id: &str, key: &str, token: &str) -> Integration {
         signing_secret: Some("signing".into()),
         own_user_id: None,
         created_at: 1_000,
+        strict_status_codes: false,
     }
 }
 
@@ -169,6 +170,7 @@ pub async fn integrations_are_found_by_token_and_map_external_ids_once(store: &d
         created_at: 2_000,
         own_user_id: Some("own".into()),
         signing_secret: None,
+        strict_status_codes: true,
         ..integration("int-2", "erp", "token-2")
     };
     store.insert_integration(&app, &second).await.unwrap();
@@ -182,7 +184,12 @@ pub async fn integrations_are_found_by_token_and_map_external_ids_once(store: &d
     let token_taken = store.insert_integration(&app, &integration("int-3", "other", "token-1")).await;
     assert_eq!(error_code(token_taken), ErrorCode::AlreadyExists);
 
-    let disabled = Integration { enabled: false, presentation: "Switched off".into(), ..webhook.clone() };
+    let disabled = Integration {
+        enabled: false,
+        presentation: "Switched off".into(),
+        strict_status_codes: true,
+        ..webhook.clone()
+    };
     store.update_integration(&app, &disabled).await.unwrap();
     assert_eq!(store.get_integration(&app, "int-1").await.unwrap(), Some(disabled.clone()));
     let key_taken = store.update_integration(&app, &Integration { key: "erp".into(), ..disabled.clone() }).await;
