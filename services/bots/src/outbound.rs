@@ -918,7 +918,16 @@ mod tests {
             let (stop, task) = spawn(store.clone(), config(3));
             eventually("dead letters", || received.seqs_of("stuck").len() >= stuck_before.len() + 12).await;
             assert_eq!(received.seqs_of("stuck")[stuck_before.len()..], [2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]);
-            let dead = store.list_dead(&application_id, ConsumerKind::Subscription, None, 0, 100).await.unwrap();
+            // The receiver counts a request when it arrives; the dispatcher
+            // records the last one's dead letter after reading the answer.
+            let deadline = Instant::now() + WAIT;
+            let dead = loop {
+                let dead = store.list_dead(&application_id, ConsumerKind::Subscription, None, 0, 100).await.unwrap();
+                if dead.len() >= 5 || Instant::now() >= deadline {
+                    break dead;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
             assert_eq!(dead.len(), 5);
             assert!(dead.iter().all(|delivery| delivery.last_error == "HTTP 503"), "{dead:?}");
             assert!(dead.iter().skip(1).all(|delivery| delivery.attempts == 3), "{dead:?}");
