@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -132,11 +133,20 @@ def free_port():
 
 
 def live(port, endpoint="live"):
+    return answer_of(port, endpoint)[0] == 200
+
+
+def answer_of(port, endpoint):
+    """(status, body) of GET /rs/<endpoint>; (None, reason) when there is no answer. The timeout
+    is above the server's own 1 s per health component: a registry still electing its leader
+    makes /rs/health take that long."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/rs/{endpoint}", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/rs/{endpoint}", timeout=5) as answer:
+            return answer.status, answer.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except OSError as error:
+        return None, str(error)
 
 
 def start(binary, env, log_path):
@@ -270,8 +280,9 @@ def main():
                           f"answers /rs/{endpoint}")
                 else:
                     failures += 1
-                    print(f"  FAIL  {pod.name} ({role}) {'runs but does not answer /rs/' + endpoint if running else 'exited'}"
-                          f"; its output:")
+                    status, body = answer_of(pod.ports[HTTP_PORT], endpoint) if running else (None, "")
+                    print(f"  FAIL  {pod.name} ({role}) "
+                          f"{f'runs; /rs/{endpoint} answers {status}: {body}' if running else 'exited'}; its output:")
                     print("".join("        " + line for line in open(pod.log_path).readlines()[-15:]))
         finally:
             for pod in pods:
