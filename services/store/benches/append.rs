@@ -1,6 +1,7 @@
 //! How fast the system of record accepts messages: `append_message` (the
 //! whole transaction: seq, message, event, one notification) with 1 and with
-//! 64 concurrent writers, on the embedded SQLite store (durable:
+//! 64 concurrent writers, and with one writer to a group of 500 members (499
+//! notified), on the embedded SQLite store (durable:
 //! `synchronous = FULL`, group commit) and, when `BESEDA_TEST_PG_URL` is set,
 //! on PostgreSQL.
 //!
@@ -17,10 +18,12 @@ struct Fixture {
     application_id: String,
     conversation_id: String,
     author_id: String,
-    reader_id: String,
+    /// Everyone but the author: whom routing notifies.
+    reader_ids: Vec<String>,
 }
 
-async fn fixture(store: Arc<dyn Store>) -> Fixture {
+/// An application with a group of `members` users (at least 2).
+async fn fixture(store: Arc<dyn Store>, members: usize) -> Fixture {
     let subscriber = store.upsert_subscriber(&format!("{}@bench.example", new_id())).await.unwrap();
     let application = Application {
         id: new_id(),
@@ -32,10 +35,15 @@ async fn fixture(store: Arc<dyn Store>) -> Fixture {
     };
     store.insert_application(&application).await.unwrap();
     let author = User::new(UserKind::Regular, "Author");
-    let reader = User::new(UserKind::Regular, "Reader");
     store.insert_user(&application.id, &author).await.unwrap();
-    store.insert_user(&application.id, &reader).await.unwrap();
-    let mut member_ids = vec![author.id.clone(), reader.id.clone()];
+    let mut reader_ids = Vec::with_capacity(members - 1);
+    for index in 1..members {
+        let reader = User::new(UserKind::Regular, format!("Reader {index}"));
+        store.insert_user(&application.id, &reader).await.unwrap();
+        reader_ids.push(reader.id);
+    }
+    let mut member_ids = reader_ids.clone();
+    member_ids.push(author.id.clone());
     member_ids.sort();
     let conversation = Conversation {
         id: new_id(),
@@ -58,7 +66,7 @@ async fn fixture(store: Arc<dyn Store>) -> Fixture {
         application_id: application.id,
         conversation_id: conversation.id,
         author_id: author.id,
-        reader_id: reader.id,
+        reader_ids,
     }
 }
 
@@ -82,7 +90,7 @@ async fn append_concurrently(fixture: &Arc<Fixture>, writers: usize) {
                 edited_at: None,
                 deleted: false,
             };
-            let new_message = NewMessage { message, notify_user_ids: vec![fixture.reader_id.clone()] };
+            let new_message = NewMessage { message, notify_user_ids: fixture.reader_ids.clone() };
             fixture.store.append_message(&fixture.application_id, &new_message).await.unwrap();
         }));
     }
@@ -92,15 +100,21 @@ async fn append_concurrently(fixture: &Arc<Fixture>, writers: usize) {
 }
 
 fn bench_store(criterion: &mut Criterion, name: &str, runtime: &tokio::runtime::Runtime, store: Arc<dyn Store>) {
-    let fixture = Arc::new(runtime.block_on(fixture(store)));
+    let pair = Arc::new(runtime.block_on(fixture(store.clone(), 2)));
     let mut group = criterion.benchmark_group(format!("append_message/{name}"));
     group.sample_size(20);
     for writers in [1usize, 64] {
         group.throughput(Throughput::Elements(writers as u64));
         group.bench_with_input(BenchmarkId::new("writers", writers), &writers, |bencher, &writers| {
-            bencher.to_async(runtime).iter(|| append_concurrently(&fixture, writers));
+            bencher.to_async(runtime).iter(|| append_concurrently(&pair, writers));
         });
     }
+    // What an audience costs: one writer, 499 notified members.
+    let group_of_500 = Arc::new(runtime.block_on(fixture(store, 500)));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("members", 500), |bencher| {
+        bencher.to_async(runtime).iter(|| append_concurrently(&group_of_500, 1));
+    });
     group.finish();
 }
 

@@ -59,6 +59,14 @@ macro_rules! conformance_suite {
             append_with_a_client_message_id_is_idempotent,
             concurrent_retries_of_one_client_message_id_store_exactly_one_message,
             notifications_count_unread_and_mark_read_can_be_partial,
+            unread_of_members_comes_from_read_marks_not_from_rows_per_message,
+            own_messages_never_count_and_do_not_mark_earlier_ones_read,
+            edits_add_no_unread_and_deleted_messages_stay_unread_until_read,
+            new_members_start_with_nothing_unread_and_removed_members_lose_their_counts,
+            watch_off_freezes_a_members_unread_and_watch_on_resumes_it,
+            members_left_out_of_a_notification_are_not_counted_even_after_a_partial_mark,
+            integration_members_never_have_unread_messages,
+            unread_counts_read_again_after_reconnecting_match_the_pushed_counts,
             edits_and_deletes_are_logged_and_deleted_messages_keep_their_row,
             events_after_returns_events_in_seq_order_up_to_the_limit,
             list_messages_filters_and_pages_by_seq,
@@ -963,6 +971,228 @@ pub async fn notifications_count_unread_and_mark_read_can_be_partial(store: &dyn
         error_code(store.mark_read(&app, "no-such-conversation", "u1", 1).await),
         ErrorCode::ConversationNotFound
     );
+}
+
+// ---- unread counts from read marks (issue 11)
+
+/// The counts of a notified user, as the append reported them.
+fn pushed(outcome: &AppendOutcome) -> Vec<(&str, u32)> {
+    outcome.unread.iter().map(|unread| (unread.user_id.as_str(), unread.unread_in_conversation)).collect()
+}
+
+async fn unread_in(store: &dyn Store, app: &str, user: &str, conversation: &str) -> u32 {
+    let counts = store.unread_counts(app, user).await.unwrap();
+    counts.into_iter().find(|(id, _)| id == conversation).map_or(0, |(_, count)| count)
+}
+
+/// A group of members notified as routing would (every member but the
+/// author): each count grows by one per message and partial marks leave
+/// exactly the later messages unread. Counts in the append outcome, in
+/// GetUnreadCounts and from MarkRead agree.
+pub async fn unread_of_members_comes_from_read_marks_not_from_rows_per_message(store: &dyn Store) {
+    let app = tenant(store).await;
+    let members: Vec<String> = (0..40).map(|index| format!("m{index:02}")).collect();
+    let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    store.insert_conversation(&app, &conversation_with("big", &member_refs, 1_000)).await.unwrap();
+    for index in 1..=3 {
+        let outcome = append(store, &app, message_in("big", "m00", "hello", 2_000 + index), &member_refs[1..]).await;
+        let count = u32::try_from(index).unwrap();
+        assert_eq!(pushed(&outcome), member_refs[1..].iter().map(|id| (*id, count)).collect::<Vec<_>>());
+    }
+    assert_eq!(unread_in(store, &app, "m39", "big").await, 3);
+    assert_eq!(store.mark_read(&app, "big", "m05", 2).await.unwrap(), 1);
+    assert_eq!(store.mark_read(&app, "big", "m06", 3).await.unwrap(), 0);
+    let next = append(store, &app, message_in("big", "m00", "more", 3_000), &member_refs[1..]).await;
+    let counts: Vec<(&str, u32)> = pushed(&next);
+    assert!(counts.contains(&("m05", 2)) && counts.contains(&("m06", 1)) && counts.contains(&("m07", 4)));
+    assert_eq!(store.unread_counts(&app, "m05").await.unwrap(), vec![("big".to_owned(), 2)]);
+    assert_eq!(store.unread_counts(&app, "m00").await.unwrap(), Vec::new());
+    // A mark never moves back, also for counts derived from marks.
+    assert_eq!(store.mark_read(&app, "big", "m06", 1).await.unwrap(), 1);
+    assert_eq!(store.mark_read(&app, "big", "m07", 0).await.unwrap(), 4);
+}
+
+/// One's own messages are never unread, and writing does not mark what
+/// others wrote before as read (MarkRead does): §29.3.4 notifies everyone
+/// but the author, and nothing in it reads messages on the author's behalf.
+pub async fn own_messages_never_count_and_do_not_mark_earlier_ones_read(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g", &["a", "b", "c"], 1_000)).await.unwrap();
+    append(store, &app, message_in("g", "a", "1", 2_000), &["b", "c"]).await;
+    append(store, &app, message_in("g", "a", "2", 2_001), &["b", "c"]).await;
+    let reply = append(store, &app, message_in("g", "b", "3", 2_002), &["a", "c"]).await;
+    assert_eq!(pushed(&reply), vec![("a", 1), ("c", 3)]);
+    assert_eq!(unread_in(store, &app, "b", "g").await, 2, "b's own message leaves a's two unread");
+    append(store, &app, message_in("g", "b", "4", 2_003), &["a", "c"]).await;
+    // Marking up to a's second message leaves only b's own messages after
+    // the mark, and those never count.
+    assert_eq!(store.mark_read(&app, "g", "b", 2).await.unwrap(), 0);
+    assert_eq!(unread_in(store, &app, "b", "g").await, 0);
+    // Partial marks before one's own messages skip them too.
+    assert_eq!(store.mark_read(&app, "g", "a", 0).await.unwrap(), 2);
+    assert_eq!(store.mark_read(&app, "g", "c", 3).await.unwrap(), 1);
+    let later = append(store, &app, message_in("g", "c", "5", 2_004), &["a", "b"]).await;
+    assert_eq!(pushed(&later), vec![("a", 3), ("b", 1)]);
+    assert_eq!(unread_in(store, &app, "c", "g").await, 1);
+}
+
+/// Editing a message creates no new unread; deleting one leaves it counted
+/// until read, as the notification was already delivered (and the stored
+/// notification of a per-user audience behaves the same way).
+pub async fn edits_add_no_unread_and_deleted_messages_stay_unread_until_read(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g", &["a", "b"], 1_000)).await.unwrap();
+    let first = append(store, &app, message_in("g", "a", "first", 2_000), &["b"]).await;
+    let second = append(store, &app, message_in("g", "a", "second", 2_001), &["b"]).await;
+    store.edit_message(&app, &Message { text: "edited".into(), ..first.message.clone() }).await.unwrap();
+    assert_eq!(unread_in(store, &app, "b", "g").await, 2);
+    let (_, deleted) = store.delete_message(&app, &second.message.id, 3_000).await.unwrap();
+    assert_eq!(deleted.seq, 4);
+    assert_eq!(unread_in(store, &app, "b", "g").await, 2);
+    // Marking up to the edit's seq reads both messages; the log entries of
+    // the edit and the delete are not messages and never count.
+    assert_eq!(store.mark_read(&app, "g", "b", 1).await.unwrap(), 1);
+    assert_eq!(store.mark_read(&app, "g", "b", 4).await.unwrap(), 0);
+    let third = append(store, &app, message_in("g", "a", "third", 4_000), &["b"]).await;
+    assert_eq!(pushed(&third), vec![("b", 1)]);
+}
+
+/// A member added later starts with nothing unread and counts only what
+/// follows; a removed member's counts vanish with the membership, and
+/// joining again starts from zero.
+pub async fn new_members_start_with_nothing_unread_and_removed_members_lose_their_counts(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g", &["a", "b"], 1_000)).await.unwrap();
+    append(store, &app, message_in("g", "a", "before", 2_000), &["b"]).await;
+    let add = |ids: &[&str]| ConversationChange { add_member_ids: strings(ids), ..Default::default() };
+    let remove = |ids: &[&str]| ConversationChange { remove_member_ids: strings(ids), ..Default::default() };
+    store.update_conversation(&app, "g", &add(&["c"])).await.unwrap();
+    assert_eq!(unread_in(store, &app, "c", "g").await, 0);
+    let after = append(store, &app, message_in("g", "a", "after", 2_001), &["b", "c"]).await;
+    assert_eq!(pushed(&after), vec![("b", 2), ("c", 1)]);
+    // Marks below the join do not bring earlier messages back.
+    assert_eq!(store.mark_read(&app, "g", "c", 0).await.unwrap(), 1);
+
+    store.update_conversation(&app, "g", &remove(&["b"])).await.unwrap();
+    assert_eq!(store.unread_counts(&app, "b").await.unwrap(), Vec::new());
+    assert_eq!(conversation_ids(&store.conversation_list(&app, "b", 10).await.unwrap()), Vec::<&str>::new());
+    append(store, &app, message_in("g", "a", "without b", 2_002), &["c"]).await;
+    assert_eq!(store.unread_counts(&app, "b").await.unwrap(), Vec::new());
+    store.update_conversation(&app, "g", &add(&["b"])).await.unwrap();
+    assert_eq!(store.unread_counts(&app, "b").await.unwrap(), Vec::new());
+    let back = append(store, &app, message_in("g", "a", "welcome back", 2_003), &["b", "c"]).await;
+    assert_eq!(pushed(&back), vec![("b", 1), ("c", 3)]);
+    // Adding an existing member changes nothing.
+    store.update_conversation(&app, "g", &add(&["c"])).await.unwrap();
+    assert_eq!(unread_in(store, &app, "c", "g").await, 3);
+}
+
+/// A member who switched watching off is not notified: their count stays
+/// where it was (what was unread stays unread) and grows again once they
+/// watch again. A partial MarkRead later still leaves the muted messages out.
+pub async fn watch_off_freezes_a_members_unread_and_watch_on_resumes_it(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g", &["a", "b", "c"], 1_000)).await.unwrap();
+    append(store, &app, message_in("g", "a", "1", 2_000), &["b", "c"]).await;
+    append(store, &app, message_in("g", "a", "2", 2_001), &["b", "c"]).await;
+    store.set_watch_mode(&app, "g", "c", false).await.unwrap();
+    // Routing leaves c out while watching is off.
+    for index in 3..=5 {
+        let outcome = append(store, &app, message_in("g", "a", "muted", 2_000 + index), &["b"]).await;
+        assert_eq!(pushed(&outcome), vec![("b", u32::try_from(index).unwrap())]);
+    }
+    assert_eq!(unread_in(store, &app, "c", "g").await, 2);
+    // Switching off twice does not move the point it was switched off at.
+    store.set_watch_mode(&app, "g", "c", false).await.unwrap();
+    assert_eq!(store.mark_read(&app, "g", "c", 1).await.unwrap(), 1);
+    store.set_watch_mode(&app, "g", "c", true).await.unwrap();
+    assert_eq!(unread_in(store, &app, "c", "g").await, 1);
+    let watched = append(store, &app, message_in("g", "a", "6", 2_006), &["b", "c"]).await;
+    assert_eq!(pushed(&watched), vec![("b", 6), ("c", 2)]);
+    // Messages 3..=5 (seqs 3..=5) were never notified to c.
+    assert_eq!(store.mark_read(&app, "g", "c", 2).await.unwrap(), 1);
+    assert_eq!(store.mark_read(&app, "g", "c", 5).await.unwrap(), 1);
+    assert_eq!(store.mark_read(&app, "g", "c", 6).await.unwrap(), 0);
+    // Off and on again with nothing in between leaves no trace.
+    store.set_watch_mode(&app, "g", "c", false).await.unwrap();
+    store.set_watch_mode(&app, "g", "c", true).await.unwrap();
+    let last = append(store, &app, message_in("g", "a", "7", 2_007), &["b", "c"]).await;
+    assert_eq!(pushed(&last), vec![("b", 7), ("c", 1)]);
+    // Watching off before joining: the new member starts muted.
+    store.set_watch_mode(&app, "g", "d", false).await.unwrap();
+    let change = ConversationChange { add_member_ids: strings(&["d"]), ..Default::default() };
+    store.update_conversation(&app, "g", &change).await.unwrap();
+    append(store, &app, message_in("g", "a", "8", 2_008), &["b", "c"]).await;
+    assert_eq!(unread_in(store, &app, "d", "g").await, 0);
+    store.set_watch_mode(&app, "g", "d", true).await.unwrap();
+    append(store, &app, message_in("g", "a", "9", 2_009), &["b", "c", "d"]).await;
+    assert_eq!(unread_in(store, &app, "d", "g").await, 1);
+    assert_eq!(store.mark_read(&app, "g", "d", 0).await.unwrap(), 1);
+}
+
+/// A member routing leaves out of a message (a blocked user) is not counted
+/// for it, before or after a partial MarkRead; the others still are.
+pub async fn members_left_out_of_a_notification_are_not_counted_even_after_a_partial_mark(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g", &["a", "b", "c", "d"], 1_000)).await.unwrap();
+    append(store, &app, message_in("g", "a", "1", 2_000), &["b", "c", "d"]).await;
+    let partial = append(store, &app, message_in("g", "a", "2", 2_001), &["b", "c"]).await;
+    assert_eq!(pushed(&partial), vec![("b", 2), ("c", 2)]);
+    append(store, &app, message_in("g", "a", "3", 2_002), &["b", "c", "d"]).await;
+    assert_eq!(unread_in(store, &app, "d", "g").await, 2);
+    assert_eq!(store.mark_read(&app, "g", "d", 1).await.unwrap(), 1);
+    assert_eq!(unread_in(store, &app, "d", "g").await, 1);
+    // A user routing names who is not a member (here the author) counts too.
+    let odd = append(store, &app, message_in("g", "a", "4", 2_003), &["a", "b"]).await;
+    assert_eq!(pushed(&odd), vec![("a", 1), ("b", 4)]);
+    assert_eq!(store.mark_read(&app, "g", "a", 4).await.unwrap(), 0);
+    // Nobody notified (an API-only conversation): nothing counts.
+    append(store, &app, message_in("g", "a", "5", 2_004), &[]).await;
+    assert_eq!(unread_in(store, &app, "b", "g").await, 4);
+}
+
+/// Integration users are never notified, so nothing is ever unread for
+/// them, whatever their member row says.
+pub async fn integration_members_never_have_unread_messages(store: &dyn Store) {
+    let app = tenant(store).await;
+    let integration = User { id: "bridge".into(), ..User::new(UserKind::Integration, "Bridge") };
+    store.insert_user(&app, &integration).await.unwrap();
+    store.insert_user(&app, &user_named("a", "Anna")).await.unwrap();
+    store.insert_user(&app, &user_named("b", "Boris")).await.unwrap();
+    store.insert_conversation(&app, &conversation_with("ext", &["a", "b", "bridge"], 1_000)).await.unwrap();
+    let outcome = append(store, &app, message_in("ext", "a", "hi", 2_000), &["b"]).await;
+    assert_eq!(pushed(&outcome), vec![("b", 1)]);
+    append(store, &app, message_in("ext", "bridge", "from outside", 2_001), &["a", "b"]).await;
+    assert_eq!(store.unread_counts(&app, "bridge").await.unwrap(), Vec::new());
+    assert_eq!(store.mark_read(&app, "ext", "bridge", 0).await.unwrap(), 0);
+    assert_eq!(store.unread_counts(&app, "a").await.unwrap(), vec![("ext".to_owned(), 1)]);
+    assert_eq!(store.unread_counts(&app, "b").await.unwrap(), vec![("ext".to_owned(), 2)]);
+}
+
+/// What a client reads after reconnecting (GetUnreadCounts, the conversation
+/// list) agrees with the counts pushed live, and a send retried after the
+/// reconnect (same client message id) counts once.
+pub async fn unread_counts_read_again_after_reconnecting_match_the_pushed_counts(store: &dyn Store) {
+    let app = tenant(store).await;
+    store.insert_conversation(&app, &conversation_with("g1", &["me", "x"], 1_000)).await.unwrap();
+    store.insert_conversation(&app, &conversation_with("g2", &["me", "x"], 2_000)).await.unwrap();
+    let context_conversation = Conversation { context: context("Order", "7"), ..conversation_with("ctx", &[], 500) };
+    store.insert_conversation(&app, &context_conversation).await.unwrap();
+    append(store, &app, message_in("g1", "x", "one", 3_000), &["me"]).await;
+    let sent = Message { client_message_id: Some("c-1".into()), ..message_in("g2", "x", "two", 3_001) };
+    let live = append(store, &app, sent.clone(), &["me"]).await;
+    let retried = append(store, &app, Message { id: new_id(), ..sent }, &["me"]).await;
+    assert_eq!((retried.event, retried.unread), (None, Vec::new()));
+    let in_context = append(store, &app, message_in("ctx", "x", "see the order", 3_002), &["me"]).await;
+    assert_eq!(pushed(&in_context), vec![("me", 1)]);
+    assert_eq!(pushed(&live), vec![("me", 1)]);
+    let expected = vec![("ctx".to_owned(), 1), ("g1".to_owned(), 1), ("g2".to_owned(), 1)];
+    assert_eq!(store.unread_counts(&app, "me").await.unwrap(), expected);
+    assert_eq!(store.unread_counts(&app, "me").await.unwrap(), expected, "reading does not change counts");
+    assert_eq!(conversation_ids(&store.conversation_list(&app, "me", 1).await.unwrap()), ["g2", "g1"]);
+    store.mark_read(&app, "g2", "me", 10).await.unwrap();
+    assert_eq!(conversation_ids(&store.conversation_list(&app, "me", 2).await.unwrap()), ["g1", "g2"]);
+    assert_eq!(store.unread_counts(&app, "me").await.unwrap(), expected[..2].to_vec());
 }
 
 /// Edits replace content and log `MessageEdited`; deletes clear content, keep

@@ -11,7 +11,9 @@ use beseda_core::model::*;
 use beseda_core::{Error, ErrorCode, Result};
 
 use crate::bots_sql::{application_event, insert_outbox};
-use crate::engine::{Autocommit, DbError, Engine, Executor, Row, SqlBuilder, Value, contains_pattern};
+use crate::engine::{
+    Autocommit, DbError, Engine, Executor, Finish, Row, SqlBuilder, Value, contains_pattern, transaction,
+};
 use crate::{
     AppendOutcome, ConversationChange, ConversationQuery, DoNotDisturbState, MessageQuery, NewMessage,
     NotificationAudience, UnreadAfterAppend, UserQuery,
@@ -39,6 +41,14 @@ const MESSAGE_COLUMNS: &str = "m.id, m.conversation_id, m.seq, m.author_id, m.se
 const BUMP_SEQ: &str =
     "UPDATE conversations SET last_seq = last_seq + 1 WHERE application_id = $1 AND id = $2 RETURNING last_seq";
 
+/// What the transaction of `append_message` produced.
+enum Appended {
+    Done(Box<AppendOutcome>),
+    /// The message's client id was taken by a concurrent append: look the
+    /// stored message up after the rollback.
+    ClientIdTaken,
+}
+
 /// [`Store`](crate::Store) over an SQL engine: the one implementation of
 /// every domain operation. [`SqliteStore`](crate::sqlite::SqliteStore) and
 /// [`PostgresStore`](crate::postgres::PostgresStore) name this type with
@@ -58,6 +68,171 @@ impl SqlStore {
 
     pub(crate) fn auto(&self) -> Autocommit<'_> {
         Autocommit(self.engine.as_ref())
+    }
+
+    /// The statements of `append_message`, as one transaction job: the
+    /// output, and whether to commit.
+    async fn append_in_transaction(
+        tx: &mut dyn Executor,
+        application_id: &str,
+        new_message: &NewMessage,
+    ) -> Result<(Appended, Finish)> {
+        let message = &new_message.message;
+        let conversation_id = message.conversation_id.as_str();
+        // Seq first: the row lock it takes makes a concurrent retry with the
+        // same client message id wait here and then see the stored message.
+        let rows = tx
+            .query(
+                "UPDATE conversations SET last_seq = last_seq + 1, last_message_at = $3, last_activity_at = $3 \
+                 WHERE application_id = $1 AND id = $2 \
+                 RETURNING last_seq, notify_count, context_object_type, all_application_users",
+                &[application_id.into(), conversation_id.into(), message.date.into()],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(conversation_not_found(conversation_id));
+        };
+        let seq = row.uint(0)?;
+        let notify_count = row.uint(1)?;
+        let members_audience = row.opt_text(2)?.is_none() && !row.bool(3)?;
+        if let Some(client_message_id) = &message.client_message_id
+            && let Some(existing) = find_by_client_id(&mut *tx, application_id, message, client_message_id).await?
+        {
+            tracing::debug!(application_id, message_id = %existing.id, "append retried; returning stored message");
+            return Ok((
+                Appended::Done(Box::new(AppendOutcome { message: existing, event: None, unread: Vec::new() })),
+                Finish::Rollback,
+            ));
+        }
+
+        let mut seen = HashSet::new();
+        let notify: Vec<String> =
+            new_message.notify_user_ids.iter().filter(|id| seen.insert(id.as_str())).cloned().collect();
+        // Only the members' audience of an ordinary conversation can be
+        // derived from member rows; context conversations and conversations
+        // of all users notify whoever routing names, one row per user.
+        let members = if members_audience {
+            member_counts(&mut *tx, application_id, conversation_id).await?
+        } else {
+            HashMap::new()
+        };
+        let plan = if members_audience {
+            let audience: HashSet<String> = members
+                .iter()
+                .filter(|(user_id, member)| **user_id != message.author_id && member.in_audience())
+                .map(|(user_id, _)| user_id.clone())
+                .collect();
+            NotifyPlan::choose(&audience, &notify)
+        } else {
+            NotifyPlan::per_user(&notify)
+        };
+        let notify_count = if plan.broadcast {
+            let rows = tx
+                .query(
+                    "UPDATE conversations SET notify_count = notify_count + 1 WHERE application_id = $1 AND id = $2 \
+                     RETURNING notify_count",
+                    &[application_id.into(), conversation_id.into()],
+                )
+                .await?;
+            rows.first().ok_or_else(|| conversation_not_found(conversation_id))?.uint(0)?
+        } else {
+            notify_count
+        };
+
+        let stored = Message { seq, ..message.clone() };
+        match insert_message(&mut *tx, application_id, &stored, plan.broadcast, notify_count).await {
+            Ok(()) => {}
+            Err(error) if error.is_unique("messages_client_id_uq") => {
+                // Unreachable while the seq row lock serializes appends; kept
+                // so that a retry is still answered if that ever changes.
+                return Ok((Appended::ClientIdTaken, Finish::Rollback));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let event = ConversationEvent {
+            conversation_id: stored.conversation_id.clone(),
+            seq,
+            at: stored.date,
+            kind: EventKind::MessageCreated(stored.clone()),
+        };
+        insert_event(&mut *tx, application_id, &event).await?;
+        insert_outbox(&mut *tx, application_id, &application_event(event.clone())).await?;
+
+        if plan.broadcast {
+            // The broadcast counts for every member row; whoever it must not
+            // count for skips it. The author (one row) never has their own
+            // message unread, and a muted member's count is frozen anyway.
+            tx.execute(
+                "UPDATE conversation_members SET skipped = skipped + 1 WHERE application_id = $1 \
+                 AND conversation_id = $2 AND user_id = $3 AND muted_at IS NULL",
+                &[application_id.into(), conversation_id.into(), (&stored.author_id).into()],
+            )
+            .await?;
+            for chunk in plan.excluded.chunks(CHUNK) {
+                let mut sql = SqlBuilder::new(
+                    "INSERT INTO notification_exclusions (application_id, conversation_id, seq, user_id) VALUES ",
+                );
+                push_user_rows(&mut sql, application_id, conversation_id, seq, chunk);
+                sql.push(" ON CONFLICT (application_id, user_id, conversation_id, seq) DO NOTHING");
+                tx.execute(&sql.sql, &sql.params).await?;
+                let mut sql =
+                    SqlBuilder::new("UPDATE conversation_members SET skipped = skipped + 1 WHERE application_id = ");
+                sql.push_bind(application_id).push(" AND conversation_id = ").push_bind(conversation_id);
+                sql.push(" AND muted_at IS NULL AND user_id IN ").push_in_list(chunk);
+                tx.execute(&sql.sql, &sql.params).await?;
+            }
+        }
+        let mut per_user_counts = HashMap::new();
+        for chunk in plan.per_user.chunks(CHUNK) {
+            let mut sql =
+                SqlBuilder::new("INSERT INTO notifications (application_id, conversation_id, seq, user_id) VALUES ");
+            push_user_rows(&mut sql, application_id, conversation_id, seq, chunk);
+            sql.push(" ON CONFLICT (application_id, user_id, conversation_id, seq) DO NOTHING");
+            tx.execute(&sql.sql, &sql.params).await?;
+
+            let mut sql = SqlBuilder::new(
+                "INSERT INTO unread_counters (application_id, user_id, conversation_id, unread) VALUES ",
+            );
+            let (app, conversation) = (sql.bind(application_id), sql.bind(conversation_id));
+            for (index, user_id) in chunk.iter().enumerate() {
+                let user = sql.bind(user_id);
+                let separator = if index == 0 { "" } else { ", " };
+                sql.push(&format!("{separator}({app}, {user}, {conversation}, 1)"));
+            }
+            sql.push(
+                " ON CONFLICT (application_id, user_id, conversation_id) \
+                 DO UPDATE SET unread = unread_counters.unread + 1 RETURNING user_id, unread",
+            );
+            for row in tx.query(&sql.sql, &sql.params).await? {
+                per_user_counts.insert(row.text(0)?, row.uint(1)?);
+            }
+        }
+        // The notified users' new counts, from what was read and written
+        // above: no further query, whatever the audience.
+        let excluded: HashSet<&str> = plan.excluded.iter().map(String::as_str).collect();
+        let unread = notify
+            .iter()
+            .map(|user_id| {
+                let skipped_now =
+                    plan.broadcast && (*user_id == stored.author_id || excluded.contains(user_id.as_str()));
+                let member = members.get(user_id);
+                let per_user = match per_user_counts.get(user_id) {
+                    Some(count) => *count,
+                    None => member.map_or(0, |member| member.per_user),
+                };
+                let broadcasts = member.map_or(0, |member| member.unread_broadcasts(notify_count, skipped_now));
+                UnreadAfterAppend { unread_in_conversation: saturate(per_user + broadcasts), user_id: user_id.clone() }
+            })
+            .collect();
+        tracing::debug!(
+            application_id,
+            conversation_id,
+            seq,
+            broadcast = plan.broadcast,
+            per_user_rows = plan.per_user.len() + plan.excluded.len(),
+            "message appended"
+        );
+        Ok((Appended::Done(Box::new(AppendOutcome { message: stored, event: Some(event), unread })), Finish::Commit))
     }
 }
 
@@ -467,7 +642,15 @@ impl crate::Store for SqlStore {
             }
             Err(error) => return Err(error.into()),
         }
-        insert_members(tx.as_mut(), application_id, &conversation.id, &conversation.member_ids).await?;
+        insert_members(
+            tx.as_mut(),
+            application_id,
+            &conversation.id,
+            &conversation.member_ids,
+            conversation.last_seq,
+            0,
+        )
+        .await?;
         let created = ApplicationEvent {
             conversation_id: conversation.id.clone(),
             seq: conversation.last_seq,
@@ -527,12 +710,35 @@ impl crate::Store for SqlStore {
             )
             .await?;
         }
-        insert_members(tx.as_mut(), application_id, conversation_id, &change.add_member_ids).await?;
-        for chunk in change.remove_member_ids.chunks(CHUNK) {
-            let mut sql = SqlBuilder::new("DELETE FROM conversation_members WHERE application_id = ");
-            sql.push_bind(application_id).push(" AND conversation_id = ").push_bind(conversation_id);
-            sql.push(" AND user_id IN ").push_in_list(chunk);
-            tx.execute(&sql.sql, &sql.params).await?;
+        // New members start with nothing unread: every broadcast so far is
+        // skipped for them, and those who switched watching off start muted.
+        let rows = tx
+            .query(
+                "SELECT notify_count FROM conversations WHERE application_id = $1 AND id = $2",
+                &[ids[0].clone(), ids[1].clone()],
+            )
+            .await?;
+        let notify_count = rows.first().ok_or_else(|| conversation_not_found(conversation_id))?.uint(0)?;
+        insert_members(tx.as_mut(), application_id, conversation_id, &change.add_member_ids, seq, notify_count).await?;
+        if !change.add_member_ids.is_empty() {
+            tx.execute(
+                "UPDATE conversation_members SET muted_at = skipped WHERE application_id = $1 AND conversation_id = $2 \
+                 AND joined_seq = $3 AND muted_at IS NULL AND user_id IN (SELECT w.user_id FROM watch_modes w \
+                 WHERE w.application_id = $1 AND w.conversation_id = $2 AND w.watch = FALSE)",
+                &[ids[0].clone(), ids[1].clone(), seq.into()],
+            )
+            .await?;
+        }
+        // A removed member's unread counts vanish with their membership.
+        for table in
+            ["conversation_members", "notifications", "unread_counters", "notification_exclusions", "watch_gaps"]
+        {
+            for chunk in change.remove_member_ids.chunks(CHUNK) {
+                let mut sql = SqlBuilder::new(&format!("DELETE FROM {table} WHERE application_id = "));
+                sql.push_bind(application_id).push(" AND conversation_id = ").push_bind(conversation_id);
+                sql.push(" AND user_id IN ").push_in_list(chunk);
+                tx.execute(&sql.sql, &sql.params).await?;
+            }
         }
         let conversation = fetch_conversation(tx.as_mut(), application_id, conversation_id)
             .await?
@@ -638,10 +844,13 @@ impl crate::Store for SqlStore {
             sql.push(" AND c.context_object_type IS NULL AND c.displayed = TRUE");
             let user = push_accessible_to(&mut sql, user_id);
             let app = "$1";
-            sql.push(if unread { " AND EXISTS " } else { " AND NOT EXISTS " });
+            sql.push(if unread { " AND " } else { " AND NOT " });
             sql.push(&format!(
-                "(SELECT 1 FROM unread_counters u WHERE u.application_id = {app} AND u.user_id = {user} \
-                 AND u.conversation_id = c.id AND u.unread > 0)"
+                "(EXISTS (SELECT 1 FROM unread_counters u WHERE u.application_id = {app} AND u.user_id = {user} \
+                 AND u.conversation_id = c.id AND u.unread > 0) \
+                 OR EXISTS (SELECT 1 FROM conversation_members m WHERE m.application_id = {app} \
+                 AND m.conversation_id = c.id AND m.user_id = {user} AND {BROADCAST_UNREAD} > 0 \
+                 AND {NOTIFIABLE_MEMBER}))"
             ));
             sql.push(" ORDER BY c.last_activity_at DESC, c.id DESC");
             sql
@@ -754,97 +963,25 @@ impl crate::Store for SqlStore {
     // ---- messages and the event log
 
     async fn append_message(&self, application_id: &str, new_message: &NewMessage) -> Result<AppendOutcome> {
-        let message = &new_message.message;
-        let mut tx = self.engine.begin().await?;
-        // Seq first: the row lock it takes makes a concurrent retry with the
-        // same client message id wait here and then see the stored message.
-        let rows = tx
-            .query(
-                "UPDATE conversations SET last_seq = last_seq + 1, last_message_at = $3, last_activity_at = $3 \
-                 WHERE application_id = $1 AND id = $2 RETURNING last_seq",
-                &[application_id.into(), (&message.conversation_id).into(), message.date.into()],
-            )
-            .await?;
-        let Some(row) = rows.first() else {
-            return Err(conversation_not_found(&message.conversation_id));
-        };
-        let seq = row.uint(0)?;
-        if let Some(client_message_id) = &message.client_message_id
-            && let Some(existing) = find_by_client_id(tx.as_mut(), application_id, message, client_message_id).await?
-        {
-            tx.rollback().await?;
-            tracing::debug!(application_id, message_id = %existing.id, "append retried; returning stored message");
-            return Ok(AppendOutcome { message: existing, event: None, unread: Vec::new() });
-        }
-
-        let stored = Message { seq, ..message.clone() };
-        match insert_message(tx.as_mut(), application_id, &stored).await {
-            Ok(()) => {}
-            Err(error) if error.is_unique("messages_client_id_uq") => {
-                // Unreachable while the seq row lock serializes appends; kept
-                // so that a retry is still answered if that ever changes.
-                drop(tx);
+        // One job: on SQLite the whole append, all its statements, runs inside
+        // the writer thread in one hand-over and is group-committed with its
+        // neighbours in a savepoint of its own (`Engine::run_job`).
+        let (owned_application_id, owned_message) = (application_id.to_owned(), new_message.clone());
+        let appended = transaction(self.engine(), move |tx| {
+            Box::pin(async move { Self::append_in_transaction(tx, &owned_application_id, &owned_message).await })
+        })
+        .await?;
+        match appended {
+            Appended::Done(outcome) => Ok(*outcome),
+            Appended::ClientIdTaken => {
+                let message = &new_message.message;
                 let client_message_id = message.client_message_id.as_deref().unwrap_or_default();
                 let existing = find_by_client_id(&mut self.auto(), application_id, message, client_message_id)
                     .await?
                     .ok_or_else(|| Error::internal("message with this client message id vanished"))?;
-                return Ok(AppendOutcome { message: existing, event: None, unread: Vec::new() });
-            }
-            Err(error) => return Err(error.into()),
-        }
-        let event = ConversationEvent {
-            conversation_id: stored.conversation_id.clone(),
-            seq,
-            at: stored.date,
-            kind: EventKind::MessageCreated(stored.clone()),
-        };
-        insert_event(tx.as_mut(), application_id, &event).await?;
-        insert_outbox(tx.as_mut(), application_id, &application_event(event.clone())).await?;
-
-        let mut seen = HashSet::new();
-        let notify: Vec<String> =
-            new_message.notify_user_ids.iter().filter(|id| seen.insert(id.as_str())).cloned().collect();
-        let mut counts = HashMap::new();
-        for chunk in notify.chunks(CHUNK) {
-            let mut sql =
-                SqlBuilder::new("INSERT INTO notifications (application_id, conversation_id, seq, user_id) VALUES ");
-            let (app, conversation, seq_param) =
-                (sql.bind(application_id), sql.bind(&stored.conversation_id), sql.bind(seq));
-            for (index, user_id) in chunk.iter().enumerate() {
-                let user = sql.bind(user_id);
-                let separator = if index == 0 { "" } else { ", " };
-                sql.push(&format!("{separator}({app}, {conversation}, {seq_param}, {user})"));
-            }
-            sql.push(" ON CONFLICT (application_id, user_id, conversation_id, seq) DO NOTHING");
-            tx.execute(&sql.sql, &sql.params).await?;
-
-            let mut sql = SqlBuilder::new(
-                "INSERT INTO unread_counters (application_id, user_id, conversation_id, unread) VALUES ",
-            );
-            let (app, conversation) = (sql.bind(application_id), sql.bind(&stored.conversation_id));
-            for (index, user_id) in chunk.iter().enumerate() {
-                let user = sql.bind(user_id);
-                let separator = if index == 0 { "" } else { ", " };
-                sql.push(&format!("{separator}({app}, {user}, {conversation}, 1)"));
-            }
-            sql.push(
-                " ON CONFLICT (application_id, user_id, conversation_id) \
-                 DO UPDATE SET unread = unread_counters.unread + 1 RETURNING user_id, unread",
-            );
-            for row in tx.query(&sql.sql, &sql.params).await? {
-                counts.insert(row.text(0)?, row.uint(1)?);
+                Ok(AppendOutcome { message: existing, event: None, unread: Vec::new() })
             }
         }
-        tx.commit().await?;
-        let unread = notify
-            .into_iter()
-            .map(|user_id| {
-                let count = counts.get(&user_id).copied().unwrap_or(0);
-                UnreadAfterAppend { unread_in_conversation: saturate(count), user_id }
-            })
-            .collect();
-        tracing::debug!(application_id, conversation_id = %stored.conversation_id, seq, "message appended");
-        Ok(AppendOutcome { message: stored, event: Some(event), unread })
     }
 
     async fn edit_message(&self, application_id: &str, message: &Message) -> Result<(Message, ConversationEvent)> {
@@ -999,20 +1136,57 @@ impl crate::Store for SqlStore {
         user_id: &str,
         watch: bool,
     ) -> Result<()> {
-        // INSERT ... SELECT from the conversation: nothing is written unless
-        // the conversation exists in this application.
-        let written = self
-            .engine
-            .execute(
-                "INSERT INTO watch_modes (application_id, conversation_id, user_id, watch) \
-                 SELECT c.application_id, c.id, $3, $4 FROM conversations c WHERE c.application_id = $1 AND c.id = $2 \
-                 ON CONFLICT (application_id, conversation_id, user_id) DO UPDATE SET watch = excluded.watch",
-                &[application_id.into(), conversation_id.into(), user_id.into(), watch.into()],
+        let mut tx = self.engine.begin().await?;
+        // The row lock orders the change with appends: a broadcast counts for
+        // the member exactly when it committed before watching was switched off
+        // or after it was switched back on.
+        let rows = tx
+            .query(
+                "UPDATE conversations SET notify_count = notify_count WHERE application_id = $1 AND id = $2 \
+                 RETURNING notify_count",
+                &[application_id.into(), conversation_id.into()],
             )
             .await?;
-        if written == 0 {
+        let Some(row) = rows.first() else {
             return Err(conversation_not_found(conversation_id));
+        };
+        let notify_count = row.uint(0)?;
+        let key: [Value; 3] = [application_id.into(), conversation_id.into(), user_id.into()];
+        tx.execute(
+            "INSERT INTO watch_modes (application_id, conversation_id, user_id, watch) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (application_id, conversation_id, user_id) DO UPDATE SET watch = excluded.watch",
+            &[key[0].clone(), key[1].clone(), key[2].clone(), watch.into()],
+        )
+        .await?;
+        let with_count = [key[0].clone(), key[1].clone(), key[2].clone(), notify_count.into()];
+        if watch {
+            // The muted period becomes a gap, so that a later partial MarkRead
+            // still leaves its broadcasts out.
+            tx.execute(
+                "INSERT INTO watch_gaps (application_id, user_id, conversation_id, from_count, to_count) \
+                 SELECT m.application_id, m.user_id, m.conversation_id, m.muted_at, $4 FROM conversation_members m \
+                 WHERE m.application_id = $1 AND m.conversation_id = $2 AND m.user_id = $3 \
+                 AND m.muted_at IS NOT NULL AND m.muted_at < $4 \
+                 ON CONFLICT (application_id, user_id, conversation_id, from_count) \
+                 DO UPDATE SET to_count = excluded.to_count",
+                &with_count,
+            )
+            .await?;
+            tx.execute(
+                "UPDATE conversation_members SET skipped = skipped + ($4 - muted_at), muted_at = NULL \
+                 WHERE application_id = $1 AND conversation_id = $2 AND user_id = $3 AND muted_at IS NOT NULL",
+                &with_count,
+            )
+            .await?;
+        } else {
+            tx.execute(
+                "UPDATE conversation_members SET muted_at = $4 \
+                 WHERE application_id = $1 AND conversation_id = $2 AND user_id = $3 AND muted_at IS NULL",
+                &with_count,
+            )
+            .await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1126,15 +1300,19 @@ impl crate::Store for SqlStore {
     ) -> Result<u32> {
         let mut tx = self.engine.begin().await?;
         let ids: [Value; 3] = [application_id.into(), user_id.into(), conversation_id.into()];
+        // A no-op UPDATE for the row lock: an append to this conversation
+        // cannot commit between reading its notify_count and recounting.
         let rows = tx
             .query(
-                "SELECT last_seq FROM conversations WHERE application_id = $1 AND id = $2",
+                "UPDATE conversations SET notify_count = notify_count WHERE application_id = $1 AND id = $2 \
+                 RETURNING last_seq, notify_count",
                 &[ids[0].clone(), ids[2].clone()],
             )
             .await?;
         let Some(row) = rows.first() else {
             return Err(conversation_not_found(conversation_id));
         };
+        let notify_count = row.uint(1)?;
         // A mark beyond the last seq would silently pre-read messages that
         // do not exist yet.
         let mark = up_to_seq.min(row.uint(0)?);
@@ -1166,16 +1344,25 @@ impl crate::Store for SqlStore {
             &[ids[0].clone(), ids[1].clone(), ids[2].clone(), unread.into()],
         )
         .await?;
+        let broadcasts =
+            recount_member_broadcasts(tx.as_mut(), application_id, conversation_id, user_id, notify_count).await?;
         tx.commit().await?;
-        Ok(saturate(unread))
+        Ok(saturate(unread + broadcasts))
     }
 
     async fn unread_counts(&self, application_id: &str, user_id: &str) -> Result<Vec<(String, u32)>> {
         let rows = self
             .engine
             .query(
-                "SELECT conversation_id, unread FROM unread_counters \
-                 WHERE application_id = $1 AND user_id = $2 AND unread > 0",
+                &format!(
+                    "SELECT x.conversation_id, CAST(SUM(x.n) AS BIGINT) FROM (\
+                     SELECT conversation_id, unread AS n FROM unread_counters \
+                     WHERE application_id = $1 AND user_id = $2 \
+                     UNION ALL SELECT m.conversation_id, {BROADCAST_UNREAD} AS n FROM conversation_members m \
+                     JOIN conversations c ON c.application_id = m.application_id AND c.id = m.conversation_id \
+                     WHERE m.application_id = $1 AND m.user_id = $2 AND {NOTIFIABLE_MEMBER}) x \
+                     GROUP BY x.conversation_id HAVING SUM(x.n) > 0"
+                ),
                 &[application_id.into(), user_id.into()],
             )
             .await?;
@@ -1279,17 +1466,214 @@ fn push_pair_rows(sql: &mut SqlBuilder, application_id: &str, conversation_id: &
     }
 }
 
+/// Integration users are never notified (§29.3.4), so broadcasts never
+/// count for them: their member rows (`notifiable = FALSE`, copied from the
+/// user's kind when they join; a kind never changes) are left out of every
+/// unread count instead of being written to on each message.
+const NOTIFIABLE_MEMBER: &str = "m.notifiable = TRUE";
+
+/// A member's unread broadcasts (`m` a conversation_members row, `c` its
+/// conversation): frozen while watching is off.
+const BROADCAST_UNREAD: &str = "COALESCE(m.muted_at, c.notify_count) - m.skipped";
+
+/// How the notifications of one new message are stored.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NotifyPlan {
+    /// The message notifies the members' audience: it bumps the
+    /// conversation's notify_count instead of writing a row per member.
+    broadcast: bool,
+    /// Members of that audience it does not notify after all (blocked users):
+    /// one exclusion row each.
+    excluded: Vec<String>,
+    /// Users notified outside it: one notification row each.
+    per_user: Vec<String>,
+}
+
+impl NotifyPlan {
+    fn per_user(notify: &[String]) -> Self {
+        NotifyPlan { broadcast: false, excluded: Vec::new(), per_user: notify.to_vec() }
+    }
+
+    /// Whichever way writes fewer rows: a broadcast with its differences
+    /// from the members' audience (none when routing notified exactly the
+    /// watching members, the usual case), or one row per notified user.
+    fn choose(audience: &HashSet<String>, notify: &[String]) -> Self {
+        let notified: HashSet<&str> = notify.iter().map(String::as_str).collect();
+        let mut excluded: Vec<String> = audience.iter().filter(|id| !notified.contains(id.as_str())).cloned().collect();
+        excluded.sort();
+        let outside: Vec<String> = notify.iter().filter(|id| !audience.contains(*id)).cloned().collect();
+        if excluded.len() + outside.len() < notify.len() {
+            NotifyPlan { broadcast: true, excluded, per_user: outside }
+        } else {
+            Self::per_user(notify)
+        }
+    }
+}
+
+/// What a member row says about a member's counts before a new message.
+struct MemberCounts {
+    skipped: u64,
+    muted_at: Option<u64>,
+    /// An integration user: never notified, never counted.
+    integration: bool,
+    /// Unread per-user notifications in this conversation.
+    per_user: u64,
+}
+
+impl MemberCounts {
+    /// Whether a broadcast counts for them (the author aside): watching,
+    /// and of a kind that is notified at all. Users unknown to the users
+    /// table are kept; routing never names them, so they are excluded.
+    fn in_audience(&self) -> bool {
+        self.muted_at.is_none() && !self.integration
+    }
+
+    /// Unread broadcasts once the conversation's counter is `notify_count`,
+    /// `skipped_now` if the new message was skipped for them.
+    fn unread_broadcasts(&self, notify_count: u64, skipped_now: bool) -> u64 {
+        if self.integration {
+            return 0;
+        }
+        let skipped = self.skipped + u64::from(skipped_now && self.muted_at.is_none());
+        self.muted_at.unwrap_or(notify_count).saturating_sub(skipped)
+    }
+}
+
+/// Every member row of the conversation with its per-user count: two range
+/// scans without a list of users, so their plans do not depend on the
+/// audience (and no join whose plan could, on a table without statistics).
+async fn member_counts<E: Executor + ?Sized>(
+    ex: &mut E,
+    application_id: &str,
+    conversation_id: &str,
+) -> Result<HashMap<String, MemberCounts>> {
+    let key: [Value; 2] = [application_id.into(), conversation_id.into()];
+    let rows = ex
+        .query(
+            "SELECT user_id, skipped, muted_at, notifiable FROM conversation_members \
+             WHERE application_id = $1 AND conversation_id = $2",
+            &key,
+        )
+        .await?;
+    let mut members = rows
+        .iter()
+        .map(|row| {
+            let muted_at = row.opt_int(2)?.map(i64::unsigned_abs);
+            let member = MemberCounts { skipped: row.uint(1)?, muted_at, integration: !row.bool(3)?, per_user: 0 };
+            Ok((row.text(0)?, member))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
+    let rows = ex
+        .query(
+            "SELECT user_id, unread FROM unread_counters WHERE application_id = $1 AND conversation_id = $2 \
+             AND unread > 0",
+            &key,
+        )
+        .await?;
+    for row in &rows {
+        if let Some(member) = members.get_mut(&row.text(0)?) {
+            member.per_user = row.uint(1)?;
+        }
+    }
+    Ok(members)
+}
+
+/// Rows `(application, conversation, seq, user)` for a multi-row INSERT.
+fn push_user_rows(sql: &mut SqlBuilder, application_id: &str, conversation_id: &str, seq: u64, user_ids: &[String]) {
+    let (app, conversation, seq) = (sql.bind(application_id), sql.bind(conversation_id), sql.bind(seq));
+    for (index, user_id) in user_ids.iter().enumerate() {
+        let user = sql.bind(user_id);
+        let separator = if index == 0 { "" } else { ", " };
+        sql.push(&format!("{separator}({app}, {conversation}, {seq}, {user})"));
+    }
+}
+
+/// After a MarkRead: recounts the user's unread broadcasts from their read
+/// mark (if they are a notified member) and stores the matching `skipped`.
+/// It reads only messages after the mark, so marking everything read reads
+/// none; exclusions at or below the mark can never matter again.
+async fn recount_member_broadcasts<E: Executor + ?Sized>(
+    ex: &mut E,
+    application_id: &str,
+    conversation_id: &str,
+    user_id: &str,
+    notify_count: u64,
+) -> Result<u64> {
+    let key: [Value; 3] = [application_id.into(), conversation_id.into(), user_id.into()];
+    let sql = format!(
+        "SELECT m.joined_seq, m.muted_at, r.read_seq FROM conversation_members m JOIN read_marks r \
+         ON r.application_id = m.application_id AND r.conversation_id = m.conversation_id AND r.user_id = m.user_id \
+         WHERE m.application_id = $1 AND m.conversation_id = $2 AND m.user_id = $3 AND {NOTIFIABLE_MEMBER}"
+    );
+    let rows = ex.query(&sql, &key).await?;
+    let Some(row) = rows.first() else {
+        return Ok(0);
+    };
+    let from_seq = row.uint(0)?.max(row.uint(2)?);
+    let muted_at = row.opt_int(1)?;
+    let mut sql = SqlBuilder::new("SELECT COUNT(*) FROM messages x WHERE x.application_id = ");
+    let (app, conversation, user) = (sql.bind(application_id), sql.bind(conversation_id), sql.bind(user_id));
+    sql.push(&format!(
+        "{app} AND x.conversation_id = {conversation} AND x.broadcast = TRUE AND x.author_id <> {user} AND x.seq > "
+    ));
+    sql.push_bind(from_seq);
+    if let Some(muted_at) = muted_at {
+        sql.push(" AND x.notify_count <= ").push_bind(muted_at);
+    }
+    sql.push(&format!(
+        " AND NOT EXISTS (SELECT 1 FROM notification_exclusions e WHERE e.application_id = {app} \
+         AND e.conversation_id = {conversation} AND e.user_id = {user} AND e.seq = x.seq) \
+         AND NOT EXISTS (SELECT 1 FROM watch_gaps g WHERE g.application_id = {app} \
+         AND g.conversation_id = {conversation} AND g.user_id = {user} \
+         AND x.notify_count > g.from_count AND x.notify_count <= g.to_count)"
+    ));
+    let rows = ex.query(&sql.sql, &sql.params).await?;
+    let remaining = rows.first().map_or(Ok(0), |row| row.uint(0))?;
+    let frozen_at =
+        muted_at.map_or(Ok(notify_count), u64::try_from).map_err(|_| Error::internal("negative muted_at"))?;
+    ex.execute(
+        "UPDATE conversation_members SET skipped = $4 WHERE application_id = $1 AND conversation_id = $2 AND user_id = $3",
+        &[key[0].clone(), key[1].clone(), key[2].clone(), frozen_at.saturating_sub(remaining).into()],
+    )
+    .await?;
+    ex.execute(
+        "DELETE FROM notification_exclusions WHERE application_id = $1 AND conversation_id = $2 AND user_id = $3 \
+         AND seq <= $4",
+        &[key[0].clone(), key[1].clone(), key[2].clone(), from_seq.into()],
+    )
+    .await?;
+    Ok(remaining)
+}
+
 async fn insert_members<E: Executor + ?Sized>(
     ex: &mut E,
     application_id: &str,
     conversation_id: &str,
     user_ids: &[String],
+    joined_seq: u64,
+    skipped: u64,
 ) -> Result<()> {
     for chunk in user_ids.chunks(CHUNK) {
-        let mut sql =
-            SqlBuilder::new("INSERT INTO conversation_members (application_id, conversation_id, user_id) VALUES ");
-        push_pair_rows(&mut sql, application_id, conversation_id, chunk);
+        let mut sql = SqlBuilder::new(
+            "INSERT INTO conversation_members (application_id, conversation_id, user_id, joined_seq, skipped) VALUES ",
+        );
+        let (app, conversation) = (sql.bind(application_id), sql.bind(conversation_id));
+        let (joined, skipped) = (sql.bind(joined_seq), sql.bind(skipped));
+        for (index, user_id) in chunk.iter().enumerate() {
+            let user = sql.bind(user_id);
+            let separator = if index == 0 { "" } else { ", " };
+            sql.push(&format!("{separator}({app}, {conversation}, {user}, {joined}, {skipped})"));
+        }
+        // Someone already a member keeps their row and counts.
         sql.push(" ON CONFLICT (application_id, conversation_id, user_id) DO NOTHING");
+        ex.execute(&sql.sql, &sql.params).await?;
+        let mut sql = SqlBuilder::new("UPDATE conversation_members SET notifiable = FALSE WHERE application_id = ");
+        sql.push_bind(application_id).push(" AND conversation_id = ").push_bind(conversation_id);
+        sql.push(" AND user_id IN ").push_in_list(chunk);
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM users k WHERE k.application_id = conversation_members.application_id \
+             AND k.id = conversation_members.user_id AND k.kind = 'integration')",
+        );
         ex.execute(&sql.sql, &sql.params).await?;
     }
     Ok(())
@@ -1430,14 +1814,17 @@ async fn insert_message<E: Executor + ?Sized>(
     ex: &mut E,
     application_id: &str,
     message: &Message,
+    broadcast: bool,
+    notify_count: u64,
 ) -> std::result::Result<(), DbError> {
     let recipients = serde_json::to_string(&message.recipient_ids)
         .map_err(|error| DbError::Other(format!("recipient ids do not serialize: {error}")))?;
     let buttons = encode_buttons(message.buttons.as_ref()).map_err(|error| DbError::Other(error.message))?;
     ex.execute(
         "INSERT INTO messages (application_id, id, conversation_id, seq, author_id, sent_at, body, body_lower, \
-         text_format, data_mime_type, data_content, recipient_ids, buttons, client_message_id, edited_at, deleted) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+         text_format, data_mime_type, data_content, recipient_ids, buttons, client_message_id, edited_at, deleted, \
+         broadcast, notify_count) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         &[
             application_id.into(),
             (&message.id).into(),
@@ -1455,6 +1842,8 @@ async fn insert_message<E: Executor + ?Sized>(
             message.client_message_id.as_ref().into(),
             message.edited_at.into(),
             message.deleted.into(),
+            broadcast.into(),
+            notify_count.into(),
         ],
     )
     .await?;

@@ -2,8 +2,11 @@
 //! so that they exist once for both SQLite and PostgreSQL. SQL text uses
 //! PostgreSQL's `$1` placeholders; the SQLite engine rewrites them.
 
+use std::any::Any;
+
 use async_trait::async_trait;
 use beseda_core::{Error, ErrorCode};
+use futures_util::future::BoxFuture;
 
 /// A parameter or column value. Booleans come back from SQLite as `Int`, so
 /// readers accept both.
@@ -177,6 +180,69 @@ pub(crate) trait Engine: Send + Sync + 'static {
     async fn execute(&self, sql: &str, params: &[Value]) -> DbResult<u64>;
     /// Starts a read-write transaction. Dropping it without `commit` rolls it back.
     async fn begin(&self) -> DbResult<Box<dyn Transaction>>;
+
+    /// Runs a whole transaction given as one job: its statements, then the
+    /// COMMIT or ROLLBACK the job asks for; an error rolls it back. This
+    /// default drives the job on the caller's task over [`begin`](Self::begin)
+    /// (PostgreSQL, whose statements are network round trips anyway). The
+    /// SQLite engine runs the job inside its writer thread instead, so a
+    /// transaction costs one hand-over to that thread rather than one per
+    /// statement (see `sqlite.rs`). Use [`transaction`] for a typed result.
+    async fn run_job(&self, job: Job) -> beseda_core::Result<Box<dyn Any + Send>> {
+        let mut tx = self.begin().await?;
+        match job(tx.as_mut()).await {
+            Ok((output, Finish::Commit)) => {
+                tx.commit().await?;
+                Ok(output)
+            }
+            Ok((output, Finish::Rollback)) => {
+                tx.rollback().await?;
+                Ok(output)
+            }
+            Err(error) => {
+                // The job's error is the one worth reporting; a failed
+                // rollback also discards the connection (see the engines).
+                let _ = tx.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// How a transaction job that succeeded ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    Commit,
+    Rollback,
+}
+
+/// What a job returns: its output (type-erased, see [`transaction`]) and how
+/// its transaction ends.
+pub(crate) type JobResult = beseda_core::Result<(Box<dyn Any + Send>, Finish)>;
+
+/// A whole transaction as one unit of work. It must wait on nothing but its
+/// own statements: the SQLite engine polls it on the writer thread, where no
+/// async runtime runs (a job that waits on anything else fails `internal`).
+pub(crate) type Job = Box<dyn for<'t> FnOnce(&'t mut dyn Executor) -> BoxFuture<'t, JobResult> + Send>;
+
+/// Runs `job` as one transaction on `engine` (see [`Engine::run_job`]) and
+/// returns its output once the transaction has ended: after a COMMIT, that
+/// means durable. Data the job needs is moved into it, since the SQLite
+/// writer thread may still run it after the caller has given up waiting.
+pub(crate) async fn transaction<T, F>(engine: &dyn Engine, job: F) -> beseda_core::Result<T>
+where
+    T: Send + 'static,
+    F: for<'t> FnOnce(&'t mut dyn Executor) -> BoxFuture<'t, beseda_core::Result<(T, Finish)>> + Send + 'static,
+{
+    let erased: Job = Box::new(move |executor| {
+        let future = job(executor);
+        Box::pin(async move {
+            let (output, finish) = future.await?;
+            Ok((Box::new(output) as Box<dyn Any + Send>, finish))
+        })
+    });
+    let output = engine.run_job(erased).await?;
+    output.downcast::<T>().map(|output| *output).map_err(|_| Error::internal("a transaction job returned another type"))
 }
 
 /// Something statements run on: a transaction or the engine in autocommit

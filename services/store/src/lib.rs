@@ -36,7 +36,9 @@ pub struct AppendOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewMessage {
     pub message: Message,
-    /// Users who get a notification (unread count + 1) for it.
+    /// Users who get a notification (unread count + 1) for it. The store
+    /// decides how to record them (see [`Store::append_message`]); the counts
+    /// are exact either way.
     pub notify_user_ids: Vec<String>,
 }
 
@@ -228,6 +230,10 @@ pub trait Store: BotStore + Send + Sync + 'static {
     /// message id) was seen before; otherwise assigns the next seq, stores the
     /// message and its `MessageCreated` event, advances the conversation's
     /// last message date and seq, and adds a notification for each user to notify.
+    /// When those users are the members' audience (the members but the author,
+    /// muted members and integration users) the notification is one bump of the
+    /// conversation's counter, whatever the number of members; otherwise, or for
+    /// context conversations and conversations of all users, a row per user.
     async fn append_message(&self, application_id: &str, new_message: &NewMessage) -> Result<AppendOutcome>;
     /// Replaces text, format, data and buttons (and sets edited_at) and
     /// appends a `MessageEdited` event.

@@ -7,6 +7,11 @@
 //! that rolls back first, and a connection whose rollback fails, or that has
 //! no runtime to roll back on, is detached from the pool and closed (the
 //! server then aborts the transaction itself).
+//!
+//! Round trips: statements are prepared once per connection (deadpool's
+//! statement cache), and a transaction's BEGIN is not a round trip of its
+//! own: it is sent together with the first statement, pipelined on the
+//! connection (tokio-postgres writes both before reading either answer).
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -29,6 +34,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, sql: include_str!("../migrations/postgres/0002_unread_counters.sql") },
     Migration { version: 3, sql: include_str!("../migrations/postgres/0003_bots.sql") },
     Migration { version: 4, sql: include_str!("../migrations/postgres/0004_integration_status_codes.sql") },
+    Migration { version: 5, sql: include_str!("../migrations/postgres/0005_unread_from_read_marks.sql") },
 ];
 
 /// Serializes migrations of one schema across nodes. Transaction-scoped, so
@@ -297,11 +303,8 @@ impl Engine for PostgresEngine {
 
     async fn begin(&self) -> DbResult<Box<dyn Transaction>> {
         let client = self.connection().await?;
-        let mut transaction = PostgresTransaction { client: Some(client) };
-        // If BEGIN itself fails, dropping `transaction` disposes of the
-        // connection safely.
-        transaction.client()?.batch_execute("BEGIN").await.map_err(map_error)?;
-        Ok(Box::new(transaction))
+        // BEGIN goes out with the first statement (`PostgresTransaction::pipelined`).
+        Ok(Box::new(PostgresTransaction { client: Some(client), begun: false }))
     }
 }
 
@@ -309,6 +312,9 @@ impl Engine for PostgresEngine {
 struct PostgresTransaction {
     /// `None` once finished.
     client: Option<Object>,
+    /// Whether BEGIN has been sent. Until then the session is not in a
+    /// transaction, and ending it needs no round trip.
+    begun: bool,
 }
 
 impl PostgresTransaction {
@@ -316,8 +322,39 @@ impl PostgresTransaction {
         self.client.as_ref().ok_or_else(|| DbError::Other("postgres transaction already ended".into()))
     }
 
+    /// Runs `request` (which sends its statement when first polled) inside
+    /// the transaction: if BEGIN has not gone out yet, it is sent first and
+    /// both travel in one round trip. The server runs them in order, so the
+    /// statement runs inside the transaction; BEGIN cannot fail on its own
+    /// (a broken connection fails both, and a session is never pooled inside
+    /// an aborted transaction, see `Drop`).
+    async fn pipelined<T>(
+        client: &Object,
+        begin: bool,
+        request: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> DbResult<T> {
+        if begin {
+            let (begun, result) = futures_util::join!(client.batch_execute("BEGIN"), request);
+            begun.map_err(map_error)?;
+            result.map_err(map_error)
+        } else {
+            request.await.map_err(map_error)
+        }
+    }
+
+    /// Whether the next statement must take BEGIN along; from then on the
+    /// transaction counts as begun (a ROLLBACK of a BEGIN that never
+    /// arrived is only a warning).
+    fn begin_now(&mut self) -> bool {
+        !std::mem::replace(&mut self.begun, true)
+    }
+
     async fn finish(mut self: Box<Self>, statement: &str) -> DbResult<()> {
         let client = self.client.take().ok_or_else(|| DbError::Other("postgres transaction already ended".into()))?;
+        if !self.begun {
+            // Nothing was sent: the connection goes back to the pool as it came.
+            return Ok(());
+        }
         match client.batch_execute(statement).await {
             Ok(()) => Ok(()),
             Err(error) => {
@@ -332,18 +369,29 @@ impl PostgresTransaction {
 #[async_trait]
 impl Executor for PostgresTransaction {
     async fn query(&mut self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
-        run_query(self.client()?, sql, params).await
+        let statement = prepare(self.client()?, sql).await?;
+        let begin = self.begin_now();
+        let client = self.client()?;
+        let params = as_params(params);
+        let rows = Self::pipelined(client, begin, client.query(&statement, &params)).await?;
+        rows.iter().map(convert_row).collect()
     }
 
     async fn execute(&mut self, sql: &str, params: &[Value]) -> DbResult<u64> {
-        run_execute(self.client()?, sql, params).await
+        let statement = prepare(self.client()?, sql).await?;
+        let begin = self.begin_now();
+        let client = self.client()?;
+        let params = as_params(params);
+        Self::pipelined(client, begin, client.execute(&statement, &params)).await
     }
 }
 
 #[async_trait]
 impl Transaction for PostgresTransaction {
     async fn execute_script(&mut self, sql: &str) -> DbResult<()> {
-        self.client()?.batch_execute(sql).await.map_err(map_error)
+        let begin = self.begin_now();
+        let client = self.client()?;
+        Self::pipelined(client, begin, client.batch_execute(sql)).await
     }
 
     async fn commit(self: Box<Self>) -> DbResult<()> {
@@ -360,6 +408,10 @@ impl Drop for PostgresTransaction {
         let Some(client) = self.client.take() else {
             return;
         };
+        if !self.begun {
+            // Nothing was sent: the session is not in a transaction.
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -447,6 +499,47 @@ mod tests {
             // An aborted transaction leaking into the pool would fail this.
             let rows = engine.query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
             assert_eq!(rows[0].int(0).unwrap(), 0);
+        }))
+        .await;
+        drop(store);
+        PostgresStore::drop_schema(&url, &schema).await.unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// BEGIN is pipelined with the first statement: that statement must
+    /// still run inside the transaction (were it to run in autocommit, the
+    /// other pooled connection would see the row, and the rollback would
+    /// not remove it).
+    #[tokio::test]
+    async fn the_first_statement_runs_inside_the_transaction_its_begin_travels_with() {
+        let Ok(url) = std::env::var("BESEDA_TEST_PG_URL") else {
+            eprintln!("skipped: BESEDA_TEST_PG_URL is not set");
+            return;
+        };
+        let schema = format!("beseda_unit_{}", uuid::Uuid::new_v4().simple());
+        let store = PostgresStore::connect_in_schema(&url, &schema, 2).await.expect("postgres is reachable");
+        let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+            let engine = store.engine();
+            let insert =
+                "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)";
+            let count = || async { engine.query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap()[0].int(0) };
+            let mut tx = engine.begin().await.unwrap();
+            tx.execute(insert, &["s1".into(), "s1@example.com".into()]).await.unwrap();
+            assert_eq!(count().await.unwrap(), 0, "an uncommitted row is visible: the statement ran outside BEGIN");
+            tx.rollback().await.unwrap();
+            assert_eq!(count().await.unwrap(), 0);
+
+            // A transaction that sent nothing ends without a round trip.
+            engine.begin().await.unwrap().commit().await.unwrap();
+            engine.begin().await.unwrap().rollback().await.unwrap();
+            drop(engine.begin().await.unwrap());
+
+            let mut tx = engine.begin().await.unwrap();
+            tx.execute(insert, &["s2".into(), "s2@example.com".into()]).await.unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(count().await.unwrap(), 1);
         }))
         .await;
         drop(store);

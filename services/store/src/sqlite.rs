@@ -7,15 +7,23 @@
 //! commits: logical transactions run in SAVEPOINTs of one SQLite transaction
 //! that is committed (one fsync) when the queue is empty, after 256
 //! transactions or after 5 ms, and each is acknowledged only after that
-//! COMMIT. Autocommit reads use a few read-only connections, which under WAL
-//! see committed data only. See [`SqliteEngine`].
+//! COMMIT. A transaction given as a whole job ([`Engine::run_job`], used by
+//! `append_message`) runs inside the writer thread in one hand-over; others
+//! send their statements one by one. WAL checkpoints run on a thread of
+//! their own ([`checkpoint`]), not inside the writer's COMMIT. Autocommit
+//! reads use a few read-only connections, which under WAL see committed data
+//! only. See [`SqliteEngine`].
 //!
 //! Case-insensitive search compares Rust-lower-cased copies (`*_lower`
 //! columns), so it folds all of Unicode although SQLite's own `LOWER` and
 //! `LIKE` fold ASCII only.
 
+mod checkpoint;
+
+use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,7 +34,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use crate::domain::SqlStore;
-use crate::engine::{DbError, DbResult, Engine, Executor, Row, Transaction, Value};
+use crate::engine::{DbError, DbResult, Engine, Executor, Finish, Job, JobResult, Row, Transaction, Value};
 use crate::migrate::{self, Migration};
 
 /// The SQLite schema migrations, in order.
@@ -35,6 +43,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, sql: include_str!("../migrations/sqlite/0002_unread_counters.sql") },
     Migration { version: 3, sql: include_str!("../migrations/sqlite/0003_bots.sql") },
     Migration { version: 4, sql: include_str!("../migrations/sqlite/0004_integration_status_codes.sql") },
+    Migration { version: 5, sql: include_str!("../migrations/sqlite/0005_unread_from_read_marks.sql") },
 ];
 
 /// How long a statement waits for a lock held by another process (a backup
@@ -66,6 +75,8 @@ impl SqliteStore {
         connection
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|error| Error::from(map_error(Some(&connection), error)))?;
+        checkpoint::take_checkpoints_off(&connection)
+            .map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         tracing::info!(path = %path.display(), "opened sqlite database");
         Self::from_connection(connection, Some(path))
     }
@@ -81,11 +92,14 @@ impl SqliteStore {
     fn from_connection(mut connection: Connection, path: Option<&Path>) -> Result<Self> {
         configure(&connection).map_err(|error| Error::from(map_error(Some(&connection), error)))?;
         migrate_blocking(&mut connection)?;
-        let readers = match path {
-            Some(path) => open_readers(path)?,
-            None => Vec::new(),
+        let (readers, checkpointer) = match path {
+            Some(path) => {
+                let checkpointer = checkpoint::Checkpointer::start(path, checkpoint::POLICY)?;
+                (open_readers(path)?, Some(checkpointer))
+            }
+            None => (Vec::new(), None),
         };
-        let engine = SqliteEngine::start(connection, readers, path.is_some())?;
+        let engine = SqliteEngine::start(connection, readers, checkpointer)?;
         Ok(SqlStore::new(Box::new(engine)))
     }
 }
@@ -159,6 +173,8 @@ enum WriterCommand {
     Execute { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<u64>> },
     /// An autocommit read where no reader connections exist (in-memory databases).
     Query { sql: String, params: Vec<Value>, reply: oneshot::Sender<DbResult<Vec<Row>>> },
+    /// A whole logical transaction, run by the writer thread in one go.
+    Job { job: Job, reply: oneshot::Sender<Result<Box<dyn Any + Send>>> },
 }
 
 /// A statement of an open logical transaction.
@@ -200,14 +216,23 @@ async fn answer<T>(receiver: oneshot::Receiver<DbResult<T>>) -> DbResult<T> {
 }
 
 impl SqliteEngine {
-    fn start(connection: Connection, readers: Vec<Connection>, group_commit: bool) -> Result<Self> {
+    /// A database file has a checkpointer and group-commits; an in-memory
+    /// one has neither (there is no WAL, and nothing to share an fsync).
+    fn start(
+        connection: Connection,
+        readers: Vec<Connection>,
+        checkpointer: Option<checkpoint::Checkpointer>,
+    ) -> Result<Self> {
         let (writer, commands) = mpsc::channel();
+        let group_commit = checkpointer.is_some();
         std::thread::Builder::new()
             .name("beseda-sqlite-writer".into())
             .spawn(move || {
                 Writer {
                     connection,
                     group_commit,
+                    checkpointer,
+                    lost_groups: 0,
                     pending: Vec::new(),
                     in_group: false,
                     group_started: std::time::Instant::now(),
@@ -264,6 +289,15 @@ impl Engine for SqliteEngine {
         self.writer.send(WriterCommand::Begin { reply }).map_err(|_| disconnected())?;
         let statements = answer(receiver).await?;
         Ok(Box::new(SqliteTransaction { statements: Some(statements) }))
+    }
+
+    /// One hand-over to the writer thread for the whole transaction instead
+    /// of one per statement, BEGIN and COMMIT; and the writer is not idle
+    /// while the async side prepares the next statement.
+    async fn run_job(&self, job: Job) -> Result<Box<dyn Any + Send>> {
+        let (reply, receiver) = oneshot::channel();
+        self.writer.send(WriterCommand::Job { job, reply }).map_err(|_| disconnected())?;
+        receiver.await.unwrap_or_else(|_| Err(disconnected().into()))
     }
 }
 
@@ -329,6 +363,10 @@ enum Ended {
 struct Writer {
     connection: Connection,
     group_commit: bool,
+    /// Stopped when the writer stops; `None` for in-memory databases.
+    checkpointer: Option<checkpoint::Checkpointer>,
+    /// Groups rolled back by a failure so far.
+    lost_groups: u64,
     /// Logical commits waiting for the group's COMMIT.
     pending: Vec<Acknowledgement>,
     in_group: bool,
@@ -366,6 +404,9 @@ impl Writer {
             }
         }
         self.commit_group();
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
     }
 
     fn batch(&self, sql: &str) -> DbResult<()> {
@@ -419,6 +460,26 @@ impl Writer {
                     Ended::GroupLost(error) => self.fail_group(error),
                 }
             }
+            WriterCommand::Job { job, reply } => {
+                if let Err(error) = self.open_group().and_then(|()| self.batch(SAVEPOINT)) {
+                    let _ = reply.send(Err(error.into()));
+                    return;
+                }
+                match run_job(&mut self.connection, job) {
+                    Ok((output, Finish::Commit)) => self.release(Box::new(move |result| {
+                        let _ = reply.send(result.map(|()| output).map_err(Error::from));
+                    })),
+                    Ok((output, Finish::Rollback)) => {
+                        self.roll_back_and_answer(Box::new(move |result| {
+                            let _ = reply.send(result.map(|()| output).map_err(Error::from));
+                        }));
+                    }
+                    Err(error) => {
+                        self.abandon();
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
         }
     }
 
@@ -462,8 +523,9 @@ impl Writer {
                     };
                 }
                 TxCommand::Rollback { reply } => {
-                    self.abandon();
-                    let _ = reply.send(Ok(()));
+                    self.roll_back_and_answer(Box::new(move |result| {
+                        let _ = reply.send(result);
+                    }));
                     return Ended::RolledBack;
                 }
             };
@@ -492,7 +554,12 @@ impl Writer {
     /// Rolls the current logical transaction back, keeping the group.
     fn abandon(&mut self) {
         if self.connection.is_autocommit() {
-            self.in_group = false;
+            if self.in_group {
+                // SQLite already rolled back the whole group after an error
+                // (I/O, disk full): its released members are lost too and
+                // must not be acknowledged as committed.
+                self.fail_group(DbError::Unavailable("sqlite rolled back the transaction after an error".into()));
+            }
             return;
         }
         if let Err(error) = self.batch(ROLLBACK_SAVEPOINT) {
@@ -501,11 +568,29 @@ impl Writer {
         }
     }
 
+    /// Rolls the current logical transaction back on its request and answers
+    /// it. The answer may rest on what earlier members of the open group
+    /// wrote (a retried append finds the message a neighbour stored a moment
+    /// before and returns it), so, like a commit's, it is given only once
+    /// that group has committed, and becomes the group's error if it fails.
+    fn roll_back_and_answer(&mut self, acknowledge: Acknowledgement) {
+        let lost_groups = self.lost_groups;
+        self.abandon();
+        if self.lost_groups != lost_groups {
+            acknowledge(Err(DbError::Unavailable("sqlite rolled back the transaction after an error".into())));
+        } else if self.in_group {
+            self.pending.push(acknowledge);
+        } else {
+            acknowledge(Ok(()));
+        }
+    }
+
     fn fail_group(&mut self, error: DbError) {
         if !self.connection.is_autocommit() {
             let _ = self.connection.execute_batch("ROLLBACK");
         }
         self.in_group = false;
+        self.lost_groups += 1;
         for acknowledge in self.pending.drain(..) {
             acknowledge(Err(error.clone()));
         }
@@ -525,11 +610,61 @@ impl Writer {
                 for acknowledge in self.pending.drain(..) {
                     acknowledge(Ok(()));
                 }
+                if let Some(checkpointer) = &self.checkpointer {
+                    checkpointer.after_commit();
+                }
             }
             Err(error) => {
                 tracing::error!(?error, transactions = self.pending.len(), "sqlite group commit failed");
                 self.fail_group(error);
             }
+        }
+    }
+}
+
+/// The writer connection as the [`Executor`] of a [`Job`]. Its futures are
+/// ready at once: every statement runs synchronously when it is awaited.
+struct WriterExecutor<'c> {
+    /// `&mut`, not `&`: a `Connection` is `Send` but not `Sync`, and the
+    /// executor must be `Send`.
+    connection: &'c mut Connection,
+}
+
+#[async_trait]
+impl Executor for WriterExecutor<'_> {
+    async fn query(&mut self, sql: &str, params: &[Value]) -> DbResult<Vec<Row>> {
+        run_query(self.connection, sql, params)
+    }
+
+    async fn execute(&mut self, sql: &str, params: &[Value]) -> DbResult<u64> {
+        run_execute(self.connection, sql, params)
+    }
+}
+
+/// Runs a job to completion on the writer thread. Since the statements'
+/// futures are ready at once, a job finishes in one poll; there is no
+/// runtime here to wake it, so a job that waits on anything else is a bug,
+/// reported as `internal` (and its statements rolled back by the caller). A
+/// panic is caught likewise, so one bad job cannot stop the writer.
+fn run_job(connection: &mut Connection, job: Job) -> JobResult {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut executor = WriterExecutor { connection };
+        let mut future = job(&mut executor);
+        future.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }));
+    match outcome {
+        Ok(Poll::Ready(result)) => result,
+        Ok(Poll::Pending) => {
+            Err(Error::internal("a sqlite transaction job waited on something other than its own statements"))
+        }
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(reason, "a sqlite transaction job panicked");
+            Err(Error::internal(format!("a sqlite transaction job panicked: {reason}")))
         }
     }
 }
@@ -751,6 +886,102 @@ mod tests {
         assert_eq!(ids.len(), 1, "only the committed transaction's row remains: {ids:?}");
     }
 
+    const INSERT_SUBSCRIBER: &str =
+        "INSERT INTO subscribers (id, email, administration_key_hash, created_at) VALUES ($1, $2, NULL, 0)";
+
+    /// A job inserting subscriber `id`, then, if `fail`, a duplicate of the
+    /// first one (a unique violation) after it.
+    async fn insert_job(engine: &dyn Engine, id: String, fail: bool) -> Result<String> {
+        crate::engine::transaction(engine, move |tx| {
+            Box::pin(async move {
+                tx.execute(INSERT_SUBSCRIBER, &[id.clone().into(), format!("{id}@example.com").into()]).await?;
+                if fail {
+                    tx.execute(INSERT_SUBSCRIBER, &["s0".into(), "again@example.com".into()]).await?;
+                }
+                Ok((id, Finish::Commit))
+            })
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_group_commit_and_a_failing_one_does_not_fail_its_neighbours() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("beseda.db");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        insert_job(store.engine(), "s0".into(), false).await.unwrap();
+        let mut jobs = Vec::new();
+        for index in 1..=64 {
+            let (store, path) = (store.clone(), path.clone());
+            jobs.push(tokio::spawn(async move {
+                let fail = index % 3 == 0;
+                let result = insert_job(store.engine(), format!("s{index}"), fail).await;
+                let outsider = Connection::open(&path).unwrap();
+                let seen: i64 = outsider
+                    .query_row("SELECT COUNT(*) FROM subscribers WHERE id = ?1", [format!("s{index}")], |row| {
+                        row.get(0)
+                    })
+                    .unwrap();
+                if fail {
+                    assert!(result.is_err(), "s{index} should have failed");
+                    assert_eq!(seen, 0, "the failed job's own first insert was kept");
+                } else {
+                    assert_eq!(result.unwrap(), format!("s{index}"));
+                    assert_eq!(seen, 1, "s{index} was acknowledged before it was committed");
+                }
+            }));
+        }
+        for job in jobs {
+            job.await.unwrap();
+        }
+        let rows = store.engine().query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+        assert_eq!(rows[0].int(0).unwrap(), 1 + 64 - 21);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_asks_for_rollback_returns_its_output_and_keeps_nothing() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let output = crate::engine::transaction(store.engine(), |tx| {
+            Box::pin(async move {
+                tx.execute(INSERT_SUBSCRIBER, &["r".into(), "r@example.com".into()]).await?;
+                Ok((7_u32, Finish::Rollback))
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(output, 7);
+        let rows = store.engine().query("SELECT COUNT(*) FROM subscribers", &[]).await.unwrap();
+        assert_eq!(rows[0].int(0).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_waits_on_something_else_or_panics_is_rolled_back_and_the_writer_goes_on() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("beseda.db")).unwrap();
+        let waits = crate::engine::transaction(store.engine(), |tx| {
+            Box::pin(async move {
+                tx.execute(INSERT_SUBSCRIBER, &["w".into(), "w@example.com".into()]).await?;
+                tokio::task::yield_now().await;
+                Ok(((), Finish::Commit))
+            })
+        })
+        .await;
+        assert_eq!(waits.unwrap_err().code, ErrorCode::Internal);
+        let panics = crate::engine::transaction(store.engine(), |tx| {
+            Box::pin(async move {
+                tx.execute(INSERT_SUBSCRIBER, &["p".into(), "p@example.com".into()]).await?;
+                panic!("a bug in a job");
+                #[allow(unreachable_code)]
+                Ok(((), Finish::Commit))
+            })
+        })
+        .await;
+        assert!(panics.unwrap_err().message.contains("a bug in a job"));
+        insert_job(store.engine(), "after".into(), false).await.unwrap();
+        let ids = store.engine().query("SELECT id FROM subscribers", &[]).await.unwrap();
+        assert_eq!(ids, vec![Row(vec![Value::Text("after".into())])]);
+    }
+
     #[test]
     fn migrating_twice_applies_nothing_the_second_time() {
         let directory = tempfile::tempdir().unwrap();
@@ -765,7 +996,7 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).unwrap();
         assert_eq!(mode, "wal");
     }

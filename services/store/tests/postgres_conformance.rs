@@ -70,7 +70,7 @@ async fn nodes_starting_together_migrate_one_schema_once() {
     tokio::spawn(connection);
     let rows = client.query(&format!("SELECT version FROM \"{schema}\".schema_migrations"), &[]).await.unwrap();
     let versions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
-    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
     let subscriber = stores[0].upsert_subscriber("shared@example.com").await.unwrap();
     assert_eq!(restarted.get_subscriber(&subscriber.id).await.unwrap(), Some(subscriber));
 
