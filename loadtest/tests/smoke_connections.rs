@@ -11,7 +11,7 @@ async fn connect_storm_ramps_holds_and_reports_a_sustained_rate() {
     let server = common::Server::start().await;
     let result = connect_storm::run(connect_storm::ConnectStorm {
         common: server.common(3),
-        users: 5,
+        users: Some(5),
         start_rate: 20.0,
         step: 20.0,
         step_seconds: 1.0,
@@ -45,9 +45,10 @@ async fn connect_storm_ramps_holds_and_reports_a_sustained_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_holds_every_connection_and_measures_memory() {
     let server = common::Server::start().await;
-    let result = idle::run(idle::Idle { common: server.common(2), connections: 30, connect_rate: 60.0, users: 5 })
-        .await
-        .unwrap();
+    let result =
+        idle::run(idle::Idle { common: server.common(2), connections: 30, connect_rate: 60.0, users: Some(5) })
+            .await
+            .unwrap();
     assert!(result.passed, "{:?}", result.failures);
     let totals = &result.totals;
     assert_eq!(totals.connections_opened, 30);
@@ -96,7 +97,7 @@ async fn connect_storm_stops_at_a_failing_step_and_fails_when_none_passed() {
     let server = common::Server::start().await;
     let result = connect_storm::run(connect_storm::ConnectStorm {
         common: server.common(3),
-        users: 2,
+        users: Some(2),
         start_rate: 20.0,
         step: 20.0,
         step_seconds: 1.0,

@@ -13,7 +13,8 @@
 pub mod metric_families;
 pub mod redis;
 
-use std::sync::{Arc, LazyLock};
+use std::any::Any;
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use async_trait::async_trait;
 use beseda_proto::v1::BusEvent;
@@ -69,10 +70,60 @@ impl Topic {
     }
 }
 
+/// A published event as every local subscriber of its topic receives it:
+/// one allocation shared by all of them, with one slot for what they all
+/// derive from it alike, made by the first subscriber that asks and reused
+/// by the others. A gateway keeps an event's encoded client frames there, so
+/// an event of a conversation that 500 connections follow is encoded once
+/// per encoding instead of 500 times (docs/BENCHMARKS.md: encoding per
+/// connection was most of `ws::write_frames`' 13.7 % of the fan-out profile).
+pub struct SharedEvent {
+    event: BusEvent,
+    derived: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl SharedEvent {
+    pub fn new(event: BusEvent) -> Self {
+        SharedEvent { event, derived: OnceLock::new() }
+    }
+
+    pub fn event(&self) -> &BusEvent {
+        &self.event
+    }
+
+    /// What `derive` makes of this event: made by the first caller, shared
+    /// with every later one. `None` when the slot already holds another
+    /// type (a process has one kind of subscriber per topic, so in practice
+    /// that does not happen; the caller then derives its own).
+    pub fn derived<T: Any + Send + Sync>(&self, derive: impl FnOnce() -> T) -> Option<&T> {
+        self.derived.get_or_init(|| Box::new(derive())).downcast_ref()
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = BusEvent;
+
+    fn deref(&self) -> &BusEvent {
+        &self.event
+    }
+}
+
+impl std::fmt::Debug for SharedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.event.fmt(f)
+    }
+}
+
+impl From<BusEvent> for SharedEvent {
+    fn from(event: BusEvent) -> Self {
+        SharedEvent::new(event)
+    }
+}
+
 /// One received item.
 #[derive(Debug)]
 pub enum Received {
-    Event(Arc<BusEvent>),
+    Event(Arc<SharedEvent>),
     /// This many events were dropped for this subscriber; resync from storage.
     Lagged(u64),
 }
@@ -84,16 +135,16 @@ pub enum Received {
 /// overflowing, so the bus sends this instead and [`Subscription::recv`]
 /// turns it into [`Received::Lagged`]. It is recognised by identity: no
 /// published event can be this allocation.
-static RESYNC_MARKER: LazyLock<Arc<BusEvent>> = LazyLock::new(|| Arc::new(BusEvent::default()));
+static RESYNC_MARKER: LazyLock<Arc<SharedEvent>> = LazyLock::new(|| Arc::new(SharedEvent::new(BusEvent::default())));
 
 /// A handle on [`RESYNC_MARKER`] to send on a topic's channel.
-pub(crate) fn resync_marker() -> Arc<BusEvent> {
+pub(crate) fn resync_marker() -> Arc<SharedEvent> {
     Arc::clone(&RESYNC_MARKER)
 }
 
 /// A subscription to one topic. Dropping it unsubscribes.
 pub struct Subscription {
-    receiver: broadcast::Receiver<Arc<BusEvent>>,
+    receiver: broadcast::Receiver<Arc<SharedEvent>>,
     /// Dropped with the subscription, after `receiver` (fields drop in
     /// order): lets a bus notice its last local subscriber leaving (the
     /// Redis bus then unsubscribes the channel).
@@ -102,7 +153,7 @@ pub struct Subscription {
 
 impl Subscription {
     /// A subscription fed by `receiver`; `release` is dropped when it is.
-    pub fn new(receiver: broadcast::Receiver<Arc<BusEvent>>, release: Option<Box<dyn Send + Sync>>) -> Self {
+    pub fn new(receiver: broadcast::Receiver<Arc<SharedEvent>>, release: Option<Box<dyn Send + Sync>>) -> Self {
         Subscription { receiver, _release: release }
     }
 
@@ -139,7 +190,7 @@ pub trait Bus: Send + Sync + 'static {
 /// The embedded bus: one broadcast channel per topic with live subscribers.
 #[derive(Default)]
 pub struct InProcessBus {
-    topics: DashMap<Topic, broadcast::Sender<Arc<BusEvent>>>,
+    topics: DashMap<Topic, broadcast::Sender<Arc<SharedEvent>>>,
 }
 
 impl InProcessBus {
@@ -161,7 +212,7 @@ impl Bus for InProcessBus {
         let Some(sender) = self.topics.get(topic).map(|entry| entry.value().clone()) else {
             return;
         };
-        if sender.send(Arc::new(event)).is_err() {
+        if sender.send(Arc::new(SharedEvent::new(event))).is_err() {
             self.topics.remove_if(topic, |_, sender| sender.receiver_count() == 0);
         }
     }

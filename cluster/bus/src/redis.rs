@@ -76,7 +76,7 @@ use tokio::task::AbortHandle;
 
 #[cfg(doc)]
 use crate::Received;
-use crate::{Bus, Subscription, Topic, resync_marker};
+use crate::{Bus, SharedEvent, Subscription, Topic, resync_marker};
 use publisher::Outgoing;
 
 /// How long [`Bus::subscribe`] waits for Redis to confirm a new channel. Past
@@ -164,7 +164,7 @@ struct Health {
 
 /// One topic that has local subscribers.
 struct LocalTopic {
-    sender: broadcast::Sender<Arc<BusEvent>>,
+    sender: broadcast::Sender<Arc<SharedEvent>>,
     /// Read-modify-written under the watch channel's lock, so a subscriber
     /// giving up waiting and the subscriber task confirming cannot lose the
     /// resync that one of them owes.

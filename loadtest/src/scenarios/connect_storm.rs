@@ -50,6 +50,7 @@ use crate::recorder::Recorder;
 use crate::result::RunResult;
 use crate::run::{Common, Run, due};
 use crate::scenarios::fanout::FLUSH_WHEN_IDLE;
+use crate::scenarios::users_for;
 use crate::sources::Endpoints;
 
 /// Settings of the connect storm scenario (see the module documentation; `--help` shows the `Scenario` variant's).
@@ -57,9 +58,11 @@ use crate::sources::Endpoints;
 pub struct ConnectStorm {
     #[command(flatten)]
     pub common: Common,
-    /// Users whose tokens the connections authenticate with (reused round robin).
-    #[arg(long, default_value_t = 50)]
-    pub users: usize,
+    /// Users whose tokens the connections authenticate with (reused round robin). Default:
+    /// one user per 8 connections, half the server's default per-user limit of 16
+    /// (`gateway.max_connections_per_user`), so the server's limit is not what is measured.
+    #[arg(long)]
+    pub users: Option<usize>,
     /// Connections per second of the first step.
     #[arg(long, default_value_t = 100.0)]
     pub start_rate: f64,
@@ -176,7 +179,8 @@ enum Stopped {
 
 pub async fn run(scenario: ConnectStorm) -> anyhow::Result<RunResult> {
     let common = &scenario.common;
-    anyhow::ensure!(scenario.users >= 1, "--users must be at least 1");
+    let users = scenario.users.unwrap_or_else(|| users_for(scenario.max_connections));
+    anyhow::ensure!(users >= 1, "--users must be at least 1");
     anyhow::ensure!(scenario.start_rate > 0.0, "--start-rate must be positive");
     anyhow::ensure!(scenario.step >= 0.0, "--step must not be negative");
     anyhow::ensure!(scenario.step_seconds > 0.0, "--step-seconds must be positive");
@@ -185,8 +189,8 @@ pub async fn run(scenario: ConnectStorm) -> anyhow::Result<RunResult> {
     anyhow::ensure!(scenario.max_connect_p99_ms > 0.0, "--max-connect-p99-ms must be positive");
     let run = Run::start(common)?;
     let api = common.api().await?;
-    let mut tokens = Vec::with_capacity(scenario.users);
-    for index in 0..scenario.users {
+    let mut tokens = Vec::with_capacity(users);
+    for index in 0..users {
         tokens.push(api.user(&format!("lt-storm-{index}"), &format!("Storm {index}")).await?.1);
     }
     let limits = Limits {
@@ -289,7 +293,7 @@ pub async fn run(scenario: ConnectStorm) -> anyhow::Result<RunResult> {
     }
     let totals = run.recorder.totals();
     let parameters = json!({
-        "users": scenario.users, "startRate": scenario.start_rate, "step": scenario.step,
+        "users": users, "startRate": scenario.start_rate, "step": scenario.step,
         "stepSeconds": scenario.step_seconds, "maxRate": scenario.max_rate,
         "maxConnections": scenario.max_connections, "maxFailurePercent": scenario.max_failure_percent,
         "maxConnectP99Ms": scenario.max_connect_p99_ms, "durationSeconds": common.duration_seconds,

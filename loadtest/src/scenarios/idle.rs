@@ -23,6 +23,7 @@ use crate::recorder::Recorder;
 use crate::result::RunResult;
 use crate::run::{Common, Run, due};
 use crate::scenarios::connect_storm::{attempt, hold, latency_collector};
+use crate::scenarios::users_for;
 use crate::sources::Endpoints;
 
 /// Settings of the idle hold scenario (see the module documentation; `--help` shows the `Scenario` variant's).
@@ -36,9 +37,11 @@ pub struct Idle {
     /// Connections opened per second until all are open.
     #[arg(long, default_value_t = 500.0)]
     pub connect_rate: f64,
-    /// Users whose tokens the connections authenticate with (reused round robin).
-    #[arg(long, default_value_t = 100)]
-    pub users: usize,
+    /// Users whose tokens the connections authenticate with (reused round robin). Default:
+    /// one user per 8 connections, half the server's default per-user limit of 16
+    /// (`gateway.max_connections_per_user`), so the server's limit is not what is measured.
+    #[arg(long)]
+    pub users: Option<usize>,
 }
 
 struct Shared {
@@ -57,11 +60,12 @@ pub async fn run(scenario: Idle) -> anyhow::Result<RunResult> {
     let common = &scenario.common;
     anyhow::ensure!(scenario.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(scenario.connect_rate > 0.0, "--connect-rate must be positive");
-    anyhow::ensure!(scenario.users >= 1, "--users must be at least 1");
+    let users = scenario.users.unwrap_or_else(|| users_for(scenario.connections));
+    anyhow::ensure!(users >= 1, "--users must be at least 1");
     let run = Run::start(common)?;
     let api = common.api().await?;
-    let mut tokens = Vec::with_capacity(scenario.users);
-    for index in 0..scenario.users {
+    let mut tokens = Vec::with_capacity(users);
+    for index in 0..users {
         tokens.push(api.user(&format!("lt-idle-{index}"), &format!("Idle {index}")).await?.1);
     }
     let rss_before = common.server_pid.and_then(crate::scrape::rss_bytes);
@@ -118,7 +122,7 @@ pub async fn run(scenario: Idle) -> anyhow::Result<RunResult> {
         failures.push(format!("{dropped} of {opened} held connections were closed by the server"));
     }
     let parameters = json!({
-        "connections": scenario.connections, "connectRate": scenario.connect_rate, "users": scenario.users,
+        "connections": scenario.connections, "connectRate": scenario.connect_rate, "users": users,
         "durationSeconds": common.duration_seconds,
     });
     let mut figures = vec![("connections_held", held as f64), ("connections_dropped", dropped as f64)];

@@ -31,8 +31,11 @@ pub mod ws;
 /// find nothing, and keeps it allocated per connection: its default of
 /// 128 KiB cost a 128 KiB memset per connection per pushed event (a third
 /// of the server's CPU in a 500-member fan-out) and 128 KiB of memory per
-/// idle connection. Frames larger than this are still read whole.
-pub const READ_BUFFER_BYTES: usize = 4096;
+/// idle connection. At 4 KiB it was still the largest allocation of an idle
+/// connection (4,096 of ~12,500 heap bytes, heaptrack, docs/BENCHMARKS.md);
+/// client requests (a Hello with its token, a sendMessage) fit in 1 KiB.
+/// Frames larger than this are still read whole, in more reads.
+pub const READ_BUFFER_BYTES: usize = 1024;
 
 /// The gateway's settings.
 #[derive(Clone, Debug)]

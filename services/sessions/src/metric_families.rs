@@ -13,6 +13,8 @@ pub fn register() {
     counter!("beseda_ws_frames_in_total").increment(0);
     describe_counter!("beseda_ws_frames_out_total", "frames written to clients' sockets");
     counter!("beseda_ws_frames_out_total").increment(0);
+    describe_counter!("beseda_ws_flushes_total", "socket writes (flushes) of frames queued for a connection");
+    counter!("beseda_ws_flushes_total").increment(0);
     describe_counter!("beseda_messages_received_total", "client sendMessage frames accepted at the gateway");
     counter!("beseda_messages_received_total").increment(0);
     describe_histogram!(

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout};
 
 use super::{Backoff, CHANNELS_PER_COMMAND, CONNECT_TIMEOUT, Shared, Timings};
+use crate::SharedEvent;
 
 /// Subscription commands in flight at once while resubscribing: pipelining
 /// them turns a few hundred round trips into a few dozen.
@@ -242,7 +243,7 @@ fn deliver(shared: &Shared, message: &Msg) {
         Ok(event) => {
             metrics::counter!("beseda_bus_received_total").increment(1);
             // Fails only when nobody receives any more.
-            let _ = local.sender.send(Arc::new(event));
+            let _ = local.sender.send(Arc::new(SharedEvent::new(event)));
         }
         Err(error) => {
             metrics::counter!("beseda_bus_decode_errors_total").increment(1);

@@ -8,30 +8,54 @@
 //! took a frame, so a queue that has not moved for the idle timeout closes
 //! the connection even when nothing new is pushed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Message as WsMessage;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub(super) use mpsc::error::TrySendError;
+pub(super) use tokio::sync::mpsc::error::TrySendError;
+
+/// A writer's batch keeps its allocation for the next one up to this many
+/// frames; a larger one (after a burst) is freed, so a connection that goes
+/// idle does not keep a burst's worth of slots.
+const KEPT_BATCH_CAPACITY: usize = 16;
 
 struct Shared {
-    /// Payload bytes of the frames in the queue.
-    bytes: AtomicUsize,
-    /// Signalled whenever the writer takes a frame: room may have appeared.
+    state: Mutex<State>,
+    /// Signalled when a frame is queued or the last sender is gone: wakes
+    /// the writer.
+    queued: Notify,
+    /// Signalled whenever the writer takes frames: room may have appeared.
     room: Notify,
-    /// When the writer last took a frame, in milliseconds since `opened`.
+    /// When the writer last took frames, in milliseconds since `opened`.
     taken_at_ms: AtomicU64,
     opened: Instant,
 }
 
+/// A `VecDeque` under a lock rather than a tokio `mpsc` channel: the channel
+/// allocates its first block of 32 slots (1.5 KiB of messages, plus the
+/// channel) when it is made, for every connection, idle or not; a deque
+/// allocates on the first frame and gives the writer everything queued in
+/// one lock.
+struct State {
+    /// Frames the writer has not taken yet.
+    waiting: VecDeque<WsMessage>,
+    /// Frames and payload bytes counted against the bounds: those waiting
+    /// and those the writer took but has not yet handed to the socket, so a
+    /// writer stuck on a full socket with a batch in hand does not let the
+    /// queue take a second queue's worth.
+    frames: usize,
+    bytes: usize,
+    senders: usize,
+    receiver_alive: bool,
+}
+
 /// The sending side; cheap to clone.
-#[derive(Clone)]
 pub(super) struct Outbox {
-    sender: mpsc::Sender<WsMessage>,
     shared: Arc<Shared>,
     capacity: usize,
     max_bytes: usize,
@@ -39,7 +63,6 @@ pub(super) struct Outbox {
 
 /// The writer's side.
 pub(super) struct OutboxReceiver {
-    receiver: mpsc::Receiver<WsMessage>,
     shared: Arc<Shared>,
 }
 
@@ -58,31 +81,78 @@ fn weight(message: &WsMessage) -> usize {
     }
 }
 
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.state().senders += 1;
+        Outbox { shared: Arc::clone(&self.shared), capacity: self.capacity, max_bytes: self.max_bytes }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let last = {
+            let mut state = self.shared.state();
+            state.senders -= 1;
+            state.senders == 0
+        };
+        if last {
+            self.shared.queued.notify_one();
+        }
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        let mut state = self.shared.state();
+        state.receiver_alive = false;
+        state.waiting = VecDeque::new();
+    }
+}
+
 impl Outbox {
     pub(super) fn channel(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
-        let (sender, receiver) = mpsc::channel(capacity);
-        let opened = Instant::now();
         let shared = Arc::new(Shared {
-            bytes: AtomicUsize::new(0),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                frames: 0,
+                bytes: 0,
+                senders: 1,
+                receiver_alive: true,
+            }),
+            queued: Notify::new(),
             room: Notify::new(),
             taken_at_ms: AtomicU64::new(0),
-            opened,
+            opened: Instant::now(),
         });
-        (Outbox { sender, shared: shared.clone(), capacity, max_bytes }, OutboxReceiver { receiver, shared })
+        (Outbox { shared: shared.clone(), capacity, max_bytes }, OutboxReceiver { shared })
     }
 
     /// Queues a frame if both bounds allow it. One frame always fits into an
     /// empty queue, however large.
     pub(super) fn try_send(&self, message: WsMessage) -> Result<(), TrySendError<WsMessage>> {
         let weight = weight(&message);
-        let queued = self.shared.bytes.load(Ordering::Acquire);
-        if queued > 0 && queued.saturating_add(weight) > self.max_bytes {
-            return Err(TrySendError::Full(message));
+        {
+            let mut state = self.shared.state();
+            if !state.receiver_alive {
+                return Err(TrySendError::Closed(message));
+            }
+            if state.frames >= self.capacity || (state.bytes > 0 && state.bytes.saturating_add(weight) > self.max_bytes)
+            {
+                return Err(TrySendError::Full(message));
+            }
+            state.frames += 1;
+            state.bytes += weight;
+            state.waiting.push_back(message);
         }
-        self.shared.bytes.fetch_add(weight, Ordering::AcqRel);
-        self.sender.try_send(message).inspect_err(|_| {
-            self.shared.bytes.fetch_sub(weight, Ordering::AcqRel);
-        })
+        self.shared.queued.notify_one();
+        Ok(())
     }
 
     /// Queues a frame, waiting at most `within` for room.
@@ -106,19 +176,20 @@ impl Outbox {
     /// Whether a replay may queue more: it keeps at least half of both
     /// bounds free for live pushes, pings and answers.
     pub(super) fn has_room_for_replay(&self) -> bool {
-        self.shared.bytes.load(Ordering::Acquire) < self.max_bytes / 2 && self.sender.capacity() > self.capacity / 2
+        let state = self.shared.state();
+        state.bytes < self.max_bytes / 2 && state.frames < self.capacity / 2
     }
 
-    /// Resolves when the writer has taken a frame since the last call (or
-    /// since the last frame was taken, if nobody waited then).
+    /// Resolves when the writer has taken frames since the last call (or
+    /// since frames were last taken, if nobody waited then).
     pub(super) async fn room(&self) {
         self.shared.room.notified().await;
     }
 
     /// How long frames have been waiting without the writer taking any;
-    /// `None` when the queue is empty.
+    /// `None` when nothing is queued.
     pub(super) fn stalled_for(&self) -> Option<Duration> {
-        if self.sender.capacity() == self.capacity {
+        if self.shared.state().frames == 0 {
             return None;
         }
         let taken_at = Duration::from_millis(self.shared.taken_at_ms.load(Ordering::Acquire));
@@ -126,24 +197,59 @@ impl Outbox {
     }
 }
 
+/// Frames the writer took in one go. They still count against the queue's
+/// bounds until [`OutboxReceiver::written`] says they reached the socket.
+pub(super) struct Batch {
+    pub(super) frames: VecDeque<WsMessage>,
+    counted_frames: usize,
+    counted_bytes: usize,
+}
+
 impl OutboxReceiver {
-    fn taken(&self, message: &WsMessage) {
-        self.shared.bytes.fetch_sub(weight(message), Ordering::AcqRel);
+    /// Waits for frames and takes every one queued, in order, into `batch`
+    /// (which must be empty); `false` when every sender is gone and nothing
+    /// is left.
+    pub(super) async fn recv_all(&mut self, batch: &mut Batch) -> bool {
+        debug_assert!(batch.frames.is_empty());
+        loop {
+            {
+                let mut state = self.shared.state();
+                if !state.waiting.is_empty() {
+                    std::mem::swap(&mut state.waiting, &mut batch.frames);
+                    batch.counted_frames = batch.frames.len();
+                    batch.counted_bytes = batch.frames.iter().map(weight).sum();
+                    return true;
+                }
+                if state.senders == 0 {
+                    return false;
+                }
+            }
+            // A frame queued since the check left a permit: not missed.
+            self.shared.queued.notified().await;
+        }
+    }
+
+    /// The batch's frames are in the socket's buffer: their room is free.
+    pub(super) fn written(&mut self, batch: &mut Batch) {
+        {
+            let mut state = self.shared.state();
+            state.frames -= batch.counted_frames;
+            state.bytes -= batch.counted_bytes;
+        }
+        batch.counted_frames = 0;
+        batch.counted_bytes = 0;
+        if batch.frames.capacity() > KEPT_BATCH_CAPACITY {
+            batch.frames = VecDeque::new();
+        }
         let now = u64::try_from(self.shared.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.shared.taken_at_ms.store(now, Ordering::Release);
         self.shared.room.notify_one();
     }
+}
 
-    pub(super) async fn recv(&mut self) -> Option<WsMessage> {
-        let message = self.receiver.recv().await?;
-        self.taken(&message);
-        Some(message)
-    }
-
-    pub(super) fn try_recv(&mut self) -> Option<WsMessage> {
-        let message = self.receiver.try_recv().ok()?;
-        self.taken(&message);
-        Some(message)
+impl Batch {
+    pub(super) fn new() -> Batch {
+        Batch { frames: VecDeque::new(), counted_frames: 0, counted_bytes: 0 }
     }
 }
 
@@ -156,22 +262,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_queue_is_bounded_in_bytes_and_frees_them_as_the_writer_takes_frames() {
+    async fn the_queue_is_bounded_in_bytes_and_frees_them_as_the_writer_writes_frames() {
         let (outbox, mut receiver) = Outbox::channel(16, 1000);
+        let mut batch = Batch::new();
         outbox.try_send(frame(600)).unwrap();
         assert!(!outbox.has_room_for_replay(), "600 of 1000 bytes is past the replay's half");
         outbox.try_send(frame(400)).unwrap();
         assert!(matches!(outbox.try_send(frame(1)), Err(TrySendError::Full(_))), "1001 bytes is over the bound");
         assert!(outbox.stalled_for().is_some());
         assert!(matches!(outbox.send(frame(1), Duration::from_millis(20)).await, Err(SendError::TimedOut)));
-        receiver.recv().await.unwrap();
+        // Taken but not yet written: still counted.
+        assert!(receiver.recv_all(&mut batch).await);
+        assert_eq!(batch.frames.len(), 2, "everything queued, in one batch");
+        assert!(matches!(outbox.try_send(frame(1)), Err(TrySendError::Full(_))));
+        batch.frames.clear();
+        receiver.written(&mut batch);
         outbox.send(frame(500), Duration::from_millis(20)).await.ok().unwrap();
-        receiver.try_recv().unwrap();
-        receiver.try_recv().unwrap();
+        assert!(receiver.recv_all(&mut batch).await);
+        batch.frames.clear();
+        receiver.written(&mut batch);
         assert!(outbox.stalled_for().is_none(), "an empty queue is not stalled");
         assert!(outbox.has_room_for_replay());
         // One frame larger than the whole bound still fits into an empty queue.
         outbox.try_send(frame(5000)).unwrap();
         assert!(matches!(outbox.try_send(frame(1)), Err(TrySendError::Full(_))));
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_frames_and_ends_with_its_senders() {
+        let (outbox, mut receiver) = Outbox::channel(2, 1000);
+        let mut batch = Batch::new();
+        outbox.try_send(frame(1)).unwrap();
+        outbox.clone().try_send(frame(2)).unwrap();
+        assert!(matches!(outbox.try_send(frame(3)), Err(TrySendError::Full(_))));
+        drop(outbox);
+        assert!(receiver.recv_all(&mut batch).await, "frames queued before the senders left still arrive");
+        let sizes: Vec<usize> = batch.frames.drain(..).map(|message| weight(&message)).collect();
+        assert_eq!(sizes, [1, 2], "in order");
+        receiver.written(&mut batch);
+        assert!(!receiver.recv_all(&mut batch).await, "no sender and nothing queued: the end");
+    }
+
+    #[tokio::test]
+    async fn a_gone_writer_closes_the_queue() {
+        let (outbox, receiver) = Outbox::channel(2, 1000);
+        drop(receiver);
+        assert!(matches!(outbox.try_send(frame(1)), Err(TrySendError::Closed(_))));
+        assert!(matches!(outbox.send(frame(1), Duration::from_millis(20)).await, Err(SendError::Closed)));
     }
 }

@@ -199,7 +199,7 @@ impl Connection {
             self.conversations.insert(replay.conversation_id.clone(), seq);
             last_sent = seq;
             if let Some(event) = check
-                && !self.still_has_access(&event).await?
+                && !Box::pin(self.still_has_access(&event)).await?
             {
                 return self.finish_replay(replay, None).await;
             }
