@@ -178,7 +178,18 @@ async fn metrics_tell_what_happened(cluster: &Cluster) {
     assert_eq!(stored, 2.0, "the routing nodes stored two messages between them");
     let leader = cluster.registry_leader().await.expect("a registry leader");
     for (index, voter) in cluster.registry.iter().enumerate() {
-        let metrics = voter.metrics().await;
+        // A follower applies the connections' entry after the leader committed it, and a voter
+        // publishes its gauges at most every 100 ms: read until it shows them (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let metrics = loop {
+            let metrics = voter.metrics().await;
+            let at_least_one = |name: &str| metrics.get(name).is_some_and(|value| *value >= 1.0);
+            let caught_up = at_least_one("beseda_registry_connections") && at_least_one("beseda_raft_commit_index");
+            if caught_up || tokio::time::Instant::now() >= deadline {
+                break metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(metric(&metrics, "beseda_raft_is_leader"), if index == leader { 1.0 } else { 0.0 });
         assert!(metric(&metrics, "beseda_raft_term") >= 1.0);
         assert!(metric(&metrics, "beseda_raft_commit_index") >= 1.0, "voter {index} saw commits");
